@@ -1,0 +1,12 @@
+"""bisam_kernels: fused Triton and CUDA C++ kernels and a drop-in optimizer for BiSAM.
+
+BiSAM (Xie et al., ICML 2024, arXiv 2407.12993) is Sharpness-Aware Minimization whose ascent step
+uses a lower bound of the 0-1 loss. See README.md for the API and DESIGN.md for the math.
+"""
+
+from bisam_kernels import ops
+from bisam_kernels._extension import built_with_cuda
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "built_with_cuda"]
