@@ -49,21 +49,39 @@ def _as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
     return out
 
 
-def _check_same_length(first: list, first_name: str, other: list, other_name: str) -> None:
+def _check_pairs(first: list, first_name: str, other: list, other_name: str) -> None:
+    """Same length, and each other[i] has the shape and dtype of first[i] (errors use global indices)."""
     if len(other) != len(first):
         raise ValueError(f"{other_name} has {len(other)} tensors but {first_name} has {len(first)}")
+    for i, (a, b) in enumerate(zip(first, other)):
+        if b.dtype != a.dtype:
+            raise TypeError(f"{other_name}[{i}] has dtype {b.dtype} but {first_name}[{i}] has dtype {a.dtype}")
+        if b.shape != a.shape:
+            raise ValueError(
+                f"{other_name}[{i}] has shape {tuple(b.shape)} but {first_name}[{i}] has shape {tuple(a.shape)}"
+            )
 
 
-def _groups_by_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of `tensors` grouped by dtype, in first-seen order (one op call per group)."""
+def _dtype_groups(first: list[torch.Tensor], first_name: str, *others) -> list[list[int]]:
+    """Indices of `first` grouped by dtype, in first-seen order: one op call per group.
+
+    `others` are (tensors, name) lists paired elementwise with `first`. With one dtype the C++ op
+    checks the pairs itself; with several, pairs are checked here so errors carry global indices.
+    """
+    for tensors, name in others:
+        if len(tensors) != len(first):
+            raise ValueError(f"{name} has {len(tensors)} tensors but {first_name} has {len(first)}")
     groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(first):
         groups.setdefault(t.dtype, []).append(i)
+    if len(groups) > 1:
+        for tensors, name in others:
+            _check_pairs(first, first_name, tensors, name)
     return list(groups.values())
 
 
 def _pick(tensors: list[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
-    return [tensors[i] for i in indices]
+    return tensors if len(indices) == len(tensors) else [tensors[i] for i in indices]
 
 
 def _check_rho(rho) -> tuple[float, torch.Tensor | None]:
@@ -87,13 +105,13 @@ def grad_sq_norm(grads, params=None, adaptive: bool = False) -> torch.Tensor:
     """
     grads = _as_tensor_list(grads, "grads")
     params = [] if params is None else _as_tensor_list(params, "params")
-    if adaptive:
-        _check_same_length(grads, "grads", params, "params")
+    if not adaptive:
+        params = []
+    groups = _dtype_groups(grads, "grads", *([(params, "params")] if adaptive else []))
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    groups = _groups_by_dtype(grads)
     if len(groups) == 1:
-        return _ops.grad_sq_norm(grads, params if adaptive else [], adaptive)
+        return _ops.grad_sq_norm(grads, params, adaptive)
     parts = [
         _ops.grad_sq_norm(_pick(grads, g), _pick(params, g) if adaptive else [], adaptive) for g in groups
     ]
@@ -121,8 +139,7 @@ def sam_perturb_(
     params = _as_tensor_list(params, "params")
     grads = _as_tensor_list(grads, "grads")
     backups = _as_tensor_list(backups, "backups")
-    _check_same_length(params, "params", grads, "grads")
-    _check_same_length(params, "params", backups, "backups")
+    groups = _dtype_groups(params, "params", (grads, "grads"), (backups, "backups"))
     rho_value, rho_tensor = _check_rho(rho)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and non-negative, got {eps}")
@@ -130,7 +147,6 @@ def sam_perturb_(
         raise TypeError(f"sq_norm must be a tensor or None, got {type(sq_norm).__name__}")
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    groups = _groups_by_dtype(params)
     if len(groups) > 1 and sq_norm is None:
         sq_norm = grad_sq_norm(grads, params, adaptive)  # one global norm across dtype groups
     norms = [
@@ -146,8 +162,7 @@ def sam_restore_(params, backups) -> None:
     """``w <- backup`` for every pair, bit-exact (undoes :func:`sam_perturb_`)."""
     params = _as_tensor_list(params, "params")
     backups = _as_tensor_list(backups, "backups")
-    _check_same_length(params, "params", backups, "backups")
-    for g in _groups_by_dtype(params):
+    for g in _dtype_groups(params, "params", (backups, "backups")):
         _ops.sam_restore_(_pick(params, g), _pick(backups, g))
 
 
