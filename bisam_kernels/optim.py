@@ -1,0 +1,329 @@
+"""BiSAM / SAM optimizer on the fused perturbation ops: a drop-in for the canonical PyTorch SAM.
+
+The interface is the canonical one (``first_step``, ``second_step``, ``step(closure)``, a base optimizer
+built over the same param groups). Under the hood ``first_step`` is one fused norm + perturbation over all
+parameters (``bisam_kernels.ops.sam_perturb_``) and ``second_step`` one fused restore: backups are
+allocated once and reused, and neither step synchronises with the host, so both can be captured in a
+CUDA graph. BiSAM differs from SAM only in the loss of the first pass (``bisam_kernels.bisam_loss``);
+the optimizer is the same, exported twice as ``BiSAM`` and ``SAM``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+
+from bisam_kernels.ops import grad_sq_norm, sam_perturb_, sam_restore_
+
+__all__ = ["BiSAM", "SAM"]
+
+_EPS = 1e-12  # the canonical SAM's epsilon in rho / (||g|| + eps)
+
+try:  # DTensor parameters (FSDP2 ``fully_shard``); public since torch 2.5
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view: in-place writes reach the DTensor), else the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_groups(p: torch.Tensor) -> tuple:
+    """Process groups over which a DTensor parameter is sharded (its squared norm is summed over them)."""
+    if not _is_dtensor(p):
+        return ()
+    mesh = p.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements) if placement.is_shard())
+
+
+def _check_rho(rho, where: str = "rho") -> None:
+    if isinstance(rho, torch.Tensor):
+        if rho.numel() != 1 or not rho.is_floating_point():
+            raise ValueError(f"{where} must be a float or a one-element floating tensor, got shape {tuple(rho.shape)}")
+        return  # its value is checked on the device by the op (no host sync)
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f"{where} must be a float, got {type(rho).__name__}")
+    if not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"{where} must be finite and non-negative, got {rho}")
+
+
+def _rho_key(rho):
+    return ("tensor", id(rho)) if isinstance(rho, torch.Tensor) else float(rho)
+
+
+class BiSAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization with fused multi-tensor steps (canonical SAM interface).
+
+    Args:
+        params: parameters or param groups (a group may set its own ``rho`` and ``adaptive``). When
+            ``base_optimizer`` is an instance, ``params`` may be ``None`` (its params are used) or must
+            hold exactly the instance's parameters.
+        base_optimizer: an optimizer class (``torch.optim.SGD``, ``torch.optim.AdamW``, ...) built over
+            the same param groups with ``**base_kwargs``, a callable returning an optimizer (e.g. a
+            ``functools.partial``), or an optimizer instance.
+        rho: neighbourhood radius (default for every group). A float, or a one-element tensor on the
+            params' device (a schedulable value for CUDA graphs).
+        adaptive: ASAM (perturbation ``rho * w**2 * g / || |w| g ||``).
+        **base_kwargs: passed to the base optimizer class (lr, momentum, weight_decay, ...).
+
+    The perturbation uses one global norm over all groups (each group's ``adaptive`` decides its terms),
+    scaled by each group's ``rho``. Parameters whose ``.grad`` is ``None`` at ``first_step`` are neither
+    perturbed nor restored. A non-finite gradient norm (an overflowed fp16 pass) skips the perturbation
+    instead of writing NaN weights; ``first_step`` returns the norm (a 0-dim tensor on the device) so
+    this can be logged without a host sync.
+
+    ``param_groups`` are shared with the base optimizer, so LR schedulers attached to this optimizer
+    work; ``state_dict()`` holds the base optimizer's state (momentum, Adam moments) and the groups'
+    ``rho``/``adaptive``, never the transient backups.
+    """
+
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive: bool = False, **base_kwargs):
+        _check_rho(rho)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        self._backups: dict[torch.Tensor, torch.Tensor] = {}
+        self._perturbed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._scaler_stepping = False
+        defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
+
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if isinstance(base_optimizer, BiSAM):
+                raise TypeError("base_optimizer must not itself be a BiSAM/SAM optimizer")
+            if base_kwargs:
+                raise TypeError(
+                    f"base_kwargs {sorted(base_kwargs)} cannot be applied to an optimizer instance; "
+                    "pass the optimizer class instead"
+                )
+            base = base_optimizer
+            own = [p for g in base.param_groups for p in g["params"]]
+            if params is not None:
+                given = _flatten_params(params)
+                if {id(p) for p in given} != {id(p) for p in own} or len(given) != len(own):
+                    raise ValueError("params must be the parameters of the base_optimizer instance (or None)")
+            super().__init__(base.param_groups, defaults)  # sets rho/adaptive on the instance's groups
+        else:
+            if isinstance(base_optimizer, type):
+                if not issubclass(base_optimizer, torch.optim.Optimizer):
+                    raise TypeError(
+                        f"base_optimizer must be a torch.optim.Optimizer subclass or instance, "
+                        f"got the class {base_optimizer.__name__}"
+                    )
+                if issubclass(base_optimizer, BiSAM):
+                    raise TypeError("base_optimizer must not itself be a BiSAM/SAM optimizer")
+            elif not callable(base_optimizer):
+                raise TypeError(
+                    f"base_optimizer must be a torch.optim.Optimizer subclass or instance, "
+                    f"got {type(base_optimizer).__name__}"
+                )
+            if params is None:
+                raise TypeError("params is required when base_optimizer is not an optimizer instance")
+            super().__init__(params, defaults)
+            base = base_optimizer(self.param_groups, **base_kwargs)
+            if not isinstance(base, torch.optim.Optimizer):
+                raise TypeError(
+                    f"base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}"
+                )
+        self.base_optimizer = base
+        self.param_groups = base.param_groups  # one list of groups, shared (canonical SAM)
+        self.defaults.update(base.defaults)
+
+    # ------------------------------------------------------------------------------------------
+    # param groups
+    # ------------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # during __init__
+            super().add_param_group(param_group)
+        else:
+            param_group.setdefault("rho", self.defaults["rho"])
+            param_group.setdefault("adaptive", self.defaults["adaptive"])
+            base.add_param_group(param_group)  # appends to the shared list
+            param_group = self.param_groups[-1]
+        _check_rho(param_group["rho"], "param group rho")
+        if not isinstance(param_group["adaptive"], bool):
+            raise TypeError(f"param group adaptive must be a bool, got {type(param_group['adaptive']).__name__}")
+
+    # ------------------------------------------------------------------------------------------
+    # the two steps
+    # ------------------------------------------------------------------------------------------
+
+    def _backup_for(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        b = self._backups.get(p)
+        if b is None or b.shape != local.shape or b.dtype != local.dtype or b.device != local.device:
+            b = torch.empty_like(local, memory_format=torch.preserve_format)
+            self._backups[p] = b
+        return b
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> torch.Tensor:
+        """Ascent step ``w <- w + e(w)`` from the current gradients; keeps ``w`` for :meth:`second_step`.
+
+        Returns the global gradient norm as a 0-dim tensor on the device (no host sync).
+        """
+        if self._perturbed is not None:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(): the weights are already perturbed"
+            )
+        # buckets: one fused call per (device, adaptive, rho); squared-norm terms per (device, adaptive, shards)
+        buckets: dict[tuple, tuple[list, list, list, object]] = {}
+        terms: dict[tuple, tuple[list, list]] = {}
+        params_done: list[torch.Tensor] = []
+        backups_done: list[torch.Tensor] = []
+        for group in self.param_groups:
+            adaptive, rho = group["adaptive"], group["rho"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BiSAM does not support sparse gradients")
+                w, g = _local(p), _local(p.grad)
+                b = self._backup_for(p, w)
+                ws, gs, bs, _ = buckets.setdefault((w.device, adaptive, _rho_key(rho)), ([], [], [], rho))
+                ws.append(w), gs.append(g), bs.append(b)
+                tw, tg = terms.setdefault((w.device, adaptive, _shard_groups(p)), ([], []))
+                tw.append(w), tg.append(g)
+                params_done.append(w), backups_done.append(b)
+
+        if not buckets:
+            norm = torch.zeros(())
+        elif len(buckets) == 1 and len(terms) == 1 and not next(iter(terms))[2]:
+            # the common case: one fused norm + perturbation over everything
+            (device, adaptive, _), (ws, gs, bs, rho) = next(iter(buckets.items()))
+            norm = sam_perturb_(ws, gs, bs, rho, adaptive=adaptive, eps=_EPS)
+        else:
+            sq = self._global_sq_norm(terms)
+            for (device, adaptive, _), (ws, gs, bs, rho) in buckets.items():
+                sam_perturb_(ws, gs, bs, rho, adaptive=adaptive, eps=_EPS, sq_norm=sq.to(device))
+            norm = sq.sqrt()
+        self._perturbed = (params_done, backups_done)
+        if zero_grad:
+            self.zero_grad()
+        return norm
+
+    @staticmethod
+    def _global_sq_norm(terms: dict) -> torch.Tensor:
+        """Sum of the squared-norm terms, each all-reduced over the process groups its tensors are sharded on."""
+        total = None
+        for (device, adaptive, groups), (ws, gs) in terms.items():
+            sq = grad_sq_norm(gs, ws if adaptive else None, adaptive=adaptive)
+            for pg in groups:  # FSDP2 shards: sum the local squared norms over the mesh dimension
+                torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.SUM, group=pg)
+            total = sq if total is None else total + sq.to(total.device, total.dtype)
+        return total
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo :meth:`first_step` (``w <- backup``, bit-exact) without stepping the base optimizer."""
+        if self._perturbed is None:
+            raise RuntimeError("second_step()/restore() was called without first_step(): nothing to restore")
+        params, backups = self._perturbed
+        self._perturbed = None
+        by_device: dict[torch.device, tuple[list, list]] = {}
+        for w, b in zip(params, backups):
+            ws, bs = by_device.setdefault(w.device, ([], []))
+            ws.append(w), bs.append(b)
+        for ws, bs in by_device.values():
+            sam_restore_(ws, bs)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None):
+        """Restore ``w`` and let the base optimizer step with the gradients taken at ``w + e(w)``.
+
+        With ``scaler`` (a ``torch.amp.GradScaler``), the base step goes through ``scaler.step`` (which
+        unscales, and skips the step on inf/NaN gradients); call ``scaler.update()`` afterwards as usual.
+        The weights are restored in every case.
+        """
+        self.restore()
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            self._scaler_stepping = True
+            try:
+                scaler.step(self)  # unscale_ bookkeeping is keyed to this optimizer; calls self.step()
+            finally:
+                self._scaler_stepping = False
+        self._opt_called = True  # tells LR schedulers attached to this optimizer that it stepped
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """Canonical SAM step: the gradients at ``w`` must already be computed; ``closure`` re-evaluates
+        the training loss with a full forward-backward pass at ``w + e(w)``."""
+        if closure is None:
+            if self._scaler_stepping:  # called back by GradScaler.step from second_step(scaler=...)
+                return self.base_optimizer.step()
+            raise RuntimeError(
+                "BiSAM.step() requires a closure that does a full forward-backward pass; "
+                "or call first_step() and second_step() yourself"
+            )
+        closure = torch.enable_grad()(closure)
+        self.first_step(zero_grad=True)
+        loss = closure()
+        self.second_step()
+        return loss
+
+    @property
+    def perturbed(self) -> bool:
+        """True between :meth:`first_step` and :meth:`second_step` (the weights are at ``w + e``)."""
+        return self._perturbed is not None
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict (its state plus the shared groups, with ``rho``/``adaptive``)."""
+        if self._perturbed is not None:
+            warnings.warn(
+                "state_dict() taken between first_step() and second_step(): the model's weights are perturbed",
+                stacklevel=2,
+            )
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict from :meth:`state_dict` (or from the canonical SAM; its backups are dropped)."""
+        state_dict = dict(state_dict)
+        state_dict["state"] = {
+            k: {n: v for n, v in s.items() if n != "old_p"} for k, s in state_dict.get("state", {}).items()
+        }
+        state_dict["state"] = {k: s for k, s in state_dict["state"].items() if s}
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            group.setdefault("rho", self.defaults["rho"])
+            group.setdefault("adaptive", self.defaults["adaptive"])
+            _check_rho(group["rho"], "param group rho")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_backups"], state["_perturbed"] = {}, None  # transient; reallocated on the next first_step
+        return state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_optimizer={self.base_optimizer!r})"
+
+
+def _flatten_params(params: Iterable) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for item in [params] if isinstance(params, torch.Tensor) else list(params):
+        if isinstance(item, dict):
+            ps = item["params"]
+            out.extend([ps] if isinstance(ps, torch.Tensor) else list(ps))
+        else:
+            out.append(item)
+    return out
+
+
+SAM = BiSAM
+"""The same optimizer under the name plain-SAM users look for (the ascent loss is the caller's choice)."""

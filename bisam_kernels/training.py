@@ -1,0 +1,212 @@
+"""Training-loop helpers for BiSAM/SAM: BatchNorm statistics, the one-call step, AMP, accumulation, DDP.
+
+- :func:`frozen_bn_stats`: a context manager that freezes the running statistics of every BatchNorm
+  (any ``_BatchNorm`` subclass, SyncBatchNorm included, and InstanceNorm with tracked statistics) for
+  the second pass, as the released training script does (momentum 0, then restored).
+- :func:`bisam_step`: the whole BiSAM step in one call: surrogate loss at ``w``, ``first_step``,
+  cross-entropy with label smoothing at ``w + e`` with BatchNorm statistics frozen, ``second_step``;
+  with optional ``torch.amp`` autocast and ``GradScaler``, gradient accumulation over micro-batches,
+  and DDP (per-replica perturbation with ``no_sync`` on pass 1, or a synchronised pass 1).
+
+FSDP2 (``fully_shard``) needs nothing here: :class:`bisam_kernels.BiSAM` sees DTensor parameters,
+all-reduces the squared norm of the local shards over the sharding process group and perturbs each
+shard with that global norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from bisam_kernels.optim import BiSAM
+
+__all__ = ["frozen_bn_stats", "bisam_step", "BiSAMStepOutput"]
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Freeze BatchNorm running statistics inside the block (the released script's bypass).
+
+    Every normalisation module with running statistics (``_BatchNorm`` subclasses: BatchNorm1d/2d/3d,
+    SyncBatchNorm, lazy variants; and InstanceNorm with ``track_running_stats=True``) gets
+    ``momentum = 0`` (its statistics update becomes the identity) and its momentum back on exit. The
+    normalisation itself still uses the batch statistics, as in training. ``num_batches_tracked`` keeps
+    counting as in the released script, except for modules with ``momentum=None`` (cumulative average),
+    whose count is the averaging denominator: it is restored on exit so the frozen pass does not count.
+    Nests, and restores on exceptions. No host synchronisation.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, _NormBase) and m.track_running_stats:
+            count = None
+            if m.momentum is None and m.num_batches_tracked is not None:
+                count = m.num_batches_tracked.clone()
+            saved.append((m, m.momentum, count))
+            m.momentum = 0.0
+    try:
+        yield model
+    finally:
+        for m, momentum, count in reversed(saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+class BiSAMStepOutput(NamedTuple):
+    """What :func:`bisam_step` returns; all detached tensors on the device (no host sync)."""
+
+    ascent_loss: torch.Tensor  # pass-1 (surrogate) loss at w, mean over the batch
+    loss: torch.Tensor  # pass-2 training loss at w + e, mean over the batch
+    logits: torch.Tensor  # pass-1 logits at w (for accuracy), all micro-batches concatenated
+
+
+_ASCENT_LOSSES = ("log", "tanh", "cross_entropy")
+
+
+def _builtin_sum_loss(name: str, mu: float, alpha: float, label_smoothing: float, ignore_index: int) -> Callable:
+    """A sum-reduced loss (the caller divides by the batch's valid-row count, so micro-batches add up exactly)."""
+    if name == "cross_entropy":
+        return lambda z, y: F.cross_entropy(
+            z, y, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction="sum"
+        )
+    import bisam_kernels  # the fused loss lives in the package namespace
+
+    return lambda z, y: bisam_kernels.bisam_loss(
+        z, y, phi=name, mu=mu, alpha=alpha, reduction="sum", ignore_index=ignore_index
+    )
+
+
+def _split(batch, k: int) -> list:
+    if isinstance(batch, torch.Tensor):
+        return list(torch.tensor_split(batch, k))
+    if isinstance(batch, (tuple, list)):
+        parts = [_split(t, k) for t in batch]
+        return [type(batch)(p[i] for p in parts) for i in range(k)]
+    raise TypeError(f"inputs must be a tensor or a tuple/list of tensors, got {type(batch).__name__}")
+
+
+def _grad_sync(model: nn.Module, sync: bool):
+    """DDP's ``no_sync`` when ``sync`` is False; a no-op for other models (FSDP2 always reduces)."""
+    if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _one_pass(model, chunks, targets_chunks, loss_fn, weights, scaler, autocast, sync: bool, keep_logits: bool):
+    total, logits_out = None, []
+    last = len(chunks) - 1
+    for i, (x, y) in enumerate(zip(chunks, targets_chunks)):
+        with _grad_sync(model, sync and i == last):
+            with autocast():
+                logits = model(*x) if isinstance(x, (tuple, list)) else model(x)
+                loss = loss_fn(logits, y) * weights[i]
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        if keep_logits:
+            logits_out.append(logits.detach())
+    return total, logits_out
+
+
+def bisam_step(
+    model: nn.Module,
+    optimizer: BiSAM,
+    inputs,
+    targets: torch.Tensor,
+    *,
+    ascent_loss: str | Callable = "log",
+    mu: float = 1.0,
+    alpha: float = 0.1,
+    loss_fn: Callable | None = None,
+    label_smoothing: float = 0.1,
+    ignore_index: int = -100,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    micro_batches: int = 1,
+    sync_first_pass: bool = False,
+    freeze_bn: bool = True,
+) -> BiSAMStepOutput:
+    """One BiSAM (or SAM) training step: two forward/backward passes and the optimizer update.
+
+    Args:
+        model: the network (plain, DDP-wrapped, or FSDP2-sharded); called as ``model(inputs)``
+            (``model(*inputs)`` for a tuple).
+        optimizer: a :class:`bisam_kernels.BiSAM` over the model's parameters.
+        inputs, targets: the batch; ``targets`` are class indices (N,) for the built-in losses.
+        ascent_loss: the pass-1 loss at ``w``: ``"log"`` or ``"tanh"`` (BiSAM's lower bound,
+            :func:`bisam_kernels.bisam_loss` with ``mu``/``alpha``), ``"cross_entropy"`` (plain SAM: the
+            pass-2 loss, label smoothing included), or a callable ``(logits, targets) -> mean loss``.
+        loss_fn: the pass-2 training loss at ``w + e``; default cross-entropy with ``label_smoothing``.
+        ignore_index: targets ignored by the built-in losses (the mean is over the other rows).
+        scaler: a ``torch.amp.GradScaler``; both passes are scaled, pass 1 needs no unscale (the
+            perturbation direction does not depend on the scale; an overflowed pass 1 skips the
+            perturbation), pass 2 goes through ``scaler.step`` and ``scaler.update``.
+        autocast_dtype: run the forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16``,
+            ``torch.float16``); ``None``: no autocast (or the caller's own).
+        micro_batches: split the batch into this many micro-batches and accumulate the gradients of
+            both passes; the result equals one pass over the whole batch (up to BatchNorm batch statistics).
+        sync_first_pass: DDP only. ``False`` (default): each replica perturbs with its own gradient
+            (pass 1 under ``no_sync``, no communication, the "m-sharpness" of the SAM paper);
+            ``True``: pass-1 gradients are all-reduced, so all replicas apply the same perturbation.
+        freeze_bn: freeze BatchNorm running statistics in pass 2 (:func:`frozen_bn_stats`).
+
+    Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits)``, detached, on the device.
+    """
+    if not isinstance(optimizer, BiSAM):
+        raise TypeError(f"optimizer must be a bisam_kernels.BiSAM (or SAM), got {type(optimizer).__name__}")
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    n_rows = targets.shape[0]
+    if micro_batches > max(n_rows, 1):
+        raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {n_rows}")
+
+    x_chunks, y_chunks = _split(inputs, micro_batches), _split(targets, micro_batches)
+    # Built-in losses are sum-reduced and weighted by 1 / (valid rows of the whole batch); a user's
+    # mean-reduced loss is weighted by its micro-batch's share of the rows. Either way the micro-batch
+    # losses add up to the batch mean.
+    fractions = [y.shape[0] / max(n_rows, 1) for y in y_chunks]
+    if targets.is_floating_point():  # class probabilities: every row counts
+        per_row = [1.0 / max(n_rows, 1)] * micro_batches
+    else:
+        n_valid = (targets != ignore_index).sum().clamp_min(1).to(torch.float32)  # on the device, no sync
+        per_row = [1.0 / n_valid] * micro_batches
+
+    def builtin(name):
+        return _builtin_sum_loss(name, mu, alpha, label_smoothing, ignore_index), per_row
+
+    loss2, w2 = builtin("cross_entropy") if loss_fn is None else (loss_fn, fractions)
+    if isinstance(ascent_loss, str):
+        if ascent_loss not in _ASCENT_LOSSES:
+            raise ValueError(f"ascent_loss must be one of {_ASCENT_LOSSES} or a callable, got {ascent_loss!r}")
+        loss1, w1 = (loss2, w2) if ascent_loss == "cross_entropy" else builtin(ascent_loss)
+    elif callable(ascent_loss):
+        loss1, w1 = ascent_loss, fractions
+    else:
+        raise TypeError(f"ascent_loss must be a string or a callable, got {type(ascent_loss).__name__}")
+
+    device_type = targets.device.type
+    if autocast_dtype is not None:
+        autocast = lambda: torch.autocast(device_type=device_type, dtype=autocast_dtype)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+
+    optimizer.zero_grad()
+    ascent, logits = _one_pass(model, x_chunks, y_chunks, loss1, w1, scaler, autocast, sync_first_pass, True)
+    optimizer.first_step(zero_grad=True)
+    with frozen_bn_stats(model) if freeze_bn else contextlib.nullcontext():
+        try:
+            loss, _ = _one_pass(model, x_chunks, y_chunks, loss2, w2, scaler, autocast, True, False)
+        except BaseException:
+            optimizer.restore()  # never leave the weights perturbed
+            raise
+    optimizer.second_step(zero_grad=True, scaler=scaler)
+    if scaler is not None:
+        scaler.update()
+    return BiSAMStepOutput(ascent, loss, logits[0] if len(logits) == 1 else torch.cat(logits))
