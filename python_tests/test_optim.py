@@ -1,0 +1,471 @@
+"""bk.BiSAM / bk.SAM against the canonical per-parameter SAM with the released code's loss, plus resume,
+LR schedulers, per-group rho, skipped params, bad input and the CUDA no-sync / graph-capture checks.
+
+AMP, BatchNorm, accumulation and the one-call helper are in test_optim_training.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import requires_cuda
+
+import bisam_kernels as bk
+
+if not hasattr(bk, "bisam_loss"):  # TEMPORARY: only until the fused loss (bk.bisam_loss) is merged
+    pytest.skip("bk.bisam_loss is not merged yet", allow_module_level=True)
+from bisam_kernels import references as R
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces (also imported by test_optim_training.py and test_distributed.py)
+# ---------------------------------------------------------------------------------------------
+
+BASES = {
+    "sgd_momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
+    "adamw": (torch.optim.AdamW, dict(lr=3e-3, weight_decay=1e-2)),
+}
+
+
+def small_cnn(num_classes: int = 10, norm: str = "bn") -> nn.Module:
+    """A small ResNet-like CNN: convolutions without bias, each followed by a norm layer."""
+
+    def norm_layer(c):
+        return nn.BatchNorm2d(c) if norm == "bn" else nn.GroupNorm(2, c)
+
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False),
+        norm_layer(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+        norm_layer(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def make_batches(steps: int, n: int = 12, num_classes: int = 10, size: int = 8):
+    return [(torch.randn(n, 1, size, size), torch.randint(0, num_classes, (n,))) for _ in range(steps)]
+
+
+def released_disable_running_stats(model):
+    """utility/bypass_bn.py of the released training script, verbatim in behaviour."""
+
+    def _disable(module):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.backup_momentum = module.momentum
+            module.momentum = 0
+
+    model.apply(_disable)
+
+
+def released_enable_running_stats(model):
+    def _enable(module):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and hasattr(module, "backup_momentum"):
+            module.momentum = module.backup_momentum
+
+    model.apply(_enable)
+
+
+def canonical_sam_step(model, base, x, y, rho, adaptive, ascent, label_smoothing=0.1):
+    """One step of the canonical PyTorch SAM (per-parameter loop) with the released code's BN bypass.
+
+    ``ascent(logits, targets)`` is the pass-1 loss; ``base`` an optimizer over ``model``'s parameters.
+    """
+    released_enable_running_stats(model)
+    ascent(model(x), y).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    backups = R.sam_first_step_loop(params, [p.grad for p in params], rho, adaptive)
+    base.zero_grad()
+    released_disable_running_stats(model)
+    F.cross_entropy(model(x), y, label_smoothing=label_smoothing).backward()
+    R.sam_restore_loop(params, backups)
+    base.step()
+    base.zero_grad()
+    released_enable_running_stats(model)
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def assert_models_close(ours: nn.Module, ref: nn.Module, rel: float, what: str = "") -> None:
+    """Every parameter and buffer within ``rel`` relative (2-norm of the difference over the 2-norm)."""
+    a, b = state_tensors(ours), state_tensors(ref)
+    assert a.keys() == b.keys()
+    for name in a:
+        x, r = a[name].detach(), b[name].detach()
+        if not r.is_floating_point():
+            assert torch.equal(x, r), f"{what}{name}: {x} != {r}"
+            continue
+        err = (x.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)
+        assert err <= rel, f"{what}{name}: relative error {err:.3g} > {rel:g}"
+
+
+def released_loss(phi, mu=1.0, alpha=0.1):
+    return lambda z, y: R.bisam_loss_released(z, y, phi, mu, alpha)
+
+
+def fused_loss(phi, mu=1.0, alpha=0.1):
+    return lambda z, y: bk.bisam_loss(z, y, phi=phi, mu=mu, alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trajectory test (acceptance)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phi", ["log", "tanh"])
+@pytest.mark.parametrize("base_name", list(BASES))
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("loop", ["explicit", "helper"])
+def test_trajectory_matches_canonical_sam_with_released_loss(phi, base_name, adaptive, loop):
+    base_cls, kw = BASES[base_name]
+    rho = 0.5 if adaptive else 0.1
+    ref = small_cnn()
+    ours = copy.deepcopy(ref)
+    ref_base = base_cls(ref.parameters(), **kw)
+    opt = bk.BiSAM(ours.parameters(), base_cls, rho=rho, adaptive=adaptive, **kw)
+    for step, (x, y) in enumerate(make_batches(10)):
+        canonical_sam_step(ref, ref_base, x, y, rho, adaptive, released_loss(phi))
+        if loop == "explicit":
+            bk.bisam_loss(ours(x), y, phi=phi).backward()
+            opt.first_step(zero_grad=True)
+            with bk.frozen_bn_stats(ours):
+                F.cross_entropy(ours(x), y, label_smoothing=0.1).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            bk.bisam_step(ours, opt, x, y, ascent_loss=phi)
+        assert_models_close(ours, ref, 1e-5, f"step {step}: ")
+
+
+def test_trajectory_test_detects_a_missing_perturbation():
+    """The 1e-5 trajectory comparison is sharp enough to see SAM's perturbation (rho > 0 vs rho = 0)."""
+    base_cls, kw = BASES["sgd_momentum"]
+    ref = small_cnn()
+    ours = copy.deepcopy(ref)
+    ref_base = base_cls(ref.parameters(), **kw)
+    opt = bk.BiSAM(ours.parameters(), base_cls, rho=0.0, **kw)
+    for x, y in make_batches(3):
+        canonical_sam_step(ref, ref_base, x, y, 0.1, False, released_loss("log"))
+        bk.bisam_step(ours, opt, x, y)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_models_close(ours, ref, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# canonical interface: step(closure), instance base, SAM alias, per-group rho, skipped params
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_step(model, opt, x, y):
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+def test_step_closure_equals_two_steps_and_forms_of_base_optimizer():
+    model = small_cnn(norm="gn")
+    models = [copy.deepcopy(model) for _ in range(4)]
+    opts = [
+        bk.BiSAM(models[0].parameters(), torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9),
+        bk.SAM(models[1].parameters(), torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9),
+        bk.BiSAM(models[2].parameters(), torch.optim.SGD(models[2].parameters(), lr=0.1, momentum=0.9), rho=0.07),
+        bk.BiSAM(None, torch.optim.SGD(models[3].parameters(), lr=0.1, momentum=0.9), rho=0.07),
+    ]
+    for x, y in make_batches(3):
+        _two_step(models[0], opts[0], x, y)
+        for m, o in zip(models[1:], opts[1:]):
+            F.cross_entropy(m(x), y).backward()
+
+            def closure(m=m):
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                return loss
+
+            o.step(closure)
+            o.zero_grad()
+    for m in models[1:]:
+        for a, b in zip(models[0].parameters(), m.parameters()):
+            assert torch.equal(a, b)
+    assert bk.SAM is bk.BiSAM
+
+
+def _fp64_canonical_perturbation(params, groups):
+    """w + rho_g (w^2 if adaptive_g) g / (||global|| + eps), the norm over all groups, in float64."""
+    terms = []
+    for (rho, adaptive), ps in zip(groups, params):
+        terms += [((p.double().abs() if adaptive else 1.0) * p.grad.double()).square().sum() for p in ps]
+    norm = torch.stack(terms).sum().sqrt()
+    out = []
+    for (rho, adaptive), ps in zip(groups, params):
+        out += [p.double() + rho * (p.double().square() if adaptive else 1.0) * p.grad.double() / (norm + 1e-12)
+                for p in ps]  # fmt: skip
+    return out, norm
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [[(0.05, False)], [(0.05, False), (0.05, False)], [(0.05, False), (0.3, False)], [(0.05, False), (0.3, True)],
+     [(0.2, True), (0.2, True), (0.01, False)]],  # fmt: skip
+)
+def test_per_group_rho_one_global_norm(groups):
+    shapes = [(7, 3), (5,), (2, 3, 3), (11,), (1,)]
+    params = [[torch.randn(s, requires_grad=True) for s in shapes[: 2 + i % 3]] for i in range(len(groups))]
+    for ps in params:
+        for p in ps:
+            p.grad = torch.randn_like(p)
+    opt = bk.BiSAM(
+        [{"params": ps, "rho": rho, "adaptive": a} for ps, (rho, a) in zip(params, groups)], torch.optim.SGD, lr=0.1
+    )
+    expected, expected_norm = _fp64_canonical_perturbation(params, groups)
+    before = [p.detach().clone() for ps in params for p in ps]
+    norm = opt.first_step()
+    got = [p for ps in params for p in ps]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.detach().double(), e, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(norm.double(), expected_norm, rtol=1e-5, atol=0)
+    opt.restore()
+    for p, b in zip(got, before):
+        assert torch.equal(p.detach(), b)  # bit-exact restore
+
+
+def test_params_without_grads_are_skipped_and_backups_reused():
+    model = small_cnn(norm="gn")
+    frozen = model[-1].bias
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    x, y = make_batches(1)[0]
+    ptrs = None
+    for _ in range(3):
+        frozen_before = frozen.detach().clone()
+        F.cross_entropy(model(x), y).backward()
+        frozen.grad = None
+        weights = [p.detach().clone() for p in model.parameters()]
+        opt.first_step(zero_grad=False)
+        assert torch.equal(frozen, frozen_before)
+        changed = [not torch.equal(p, w) for p, w in zip(model.parameters(), weights) if p is not frozen]
+        assert all(changed)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        frozen.grad = None
+        opt.second_step(zero_grad=True)
+        assert torch.equal(frozen, frozen_before)
+        now = {id(p): b.data_ptr() for p, b in opt._backups.items()}
+        assert id(frozen) not in now and len(now) == len(list(model.parameters())) - 1
+        assert ptrs is None or now == ptrs, "backups reallocated"
+        ptrs = now
+
+
+def test_non_finite_norm_skips_the_perturbation():
+    model = small_cnn(norm="gn")
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    next(model.parameters()).grad[0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = opt.first_step()
+    assert not torch.isfinite(norm)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.restore()
+
+
+def test_add_param_group_is_perturbed_and_stepped():
+    a, b = nn.Linear(4, 3), nn.Linear(3, 2)
+    opt = bk.BiSAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt.add_param_group({"params": b.parameters(), "rho": 0.3})
+    assert opt.param_groups is opt.base_optimizer.param_groups and len(opt.param_groups) == 2
+    assert opt.param_groups[1]["rho"] == 0.3 and opt.param_groups[1]["adaptive"] is False
+    x = torch.randn(5, 4)
+    b(a(x)).square().sum().backward()
+    before = [p.detach().clone() for p in b.parameters()]
+    opt.first_step()
+    assert all(not torch.equal(p, q) for p, q in zip(b.parameters(), before))
+    opt.second_step()
+    expected = [q - 0.1 * p.grad for p, q in zip(b.parameters(), before)]
+    for p, e in zip(b.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+# ---------------------------------------------------------------------------------------------
+# state dict, resume, LR schedulers
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(model, base_name):
+    base_cls, kw = BASES[base_name]
+    opt = bk.BiSAM(model.parameters(), base_cls, rho=0.1, adaptive=base_name == "adamw", **kw)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    return opt, sched
+
+
+@pytest.mark.parametrize("base_name", list(BASES))
+def test_resume_is_identical_to_an_uninterrupted_run(base_name):
+    batches = make_batches(10)
+    init = small_cnn()
+    model = copy.deepcopy(init)
+    opt, sched = _build(model, base_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for x, y in batches:
+            bk.bisam_step(model, opt, x, y)
+            sched.step()
+
+    first = copy.deepcopy(init)
+    opt1, sched1 = _build(first, base_name)
+    for x, y in batches[:5]:
+        bk.bisam_step(first, opt1, x, y)
+        sched1.step()
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()}, buf)
+    sd = opt1.state_dict()
+    assert [g["rho"] for g in sd["param_groups"]] == [0.1]
+    entries = set().union(*(s.keys() for s in sd["state"].values()))
+    assert entries == set().union(*(s.keys() for s in opt1.base_optimizer.state.values()))
+    assert entries & {"momentum_buffer", "exp_avg"}, "base optimizer state missing"
+    assert not any(b.data_ptr() == v.data_ptr() for b in opt1._backups.values() for s in sd["state"].values()
+                   for v in s.values() if isinstance(v, torch.Tensor))  # fmt: skip
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = small_cnn()
+    resumed.load_state_dict(ckpt["model"])
+    opt2, sched2 = _build(resumed, base_name)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    for x, y in batches[5:]:
+        bk.bisam_step(resumed, opt2, x, y)
+        sched2.step()
+    for name, t in state_tensors(model).items():
+        assert torch.equal(t, state_tensors(resumed)[name]), name
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] != BASES[base_name][1]["lr"]
+
+
+def test_load_state_dict_of_the_canonical_sam_drops_backups():
+    model = nn.Linear(3, 2)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    canonical = {
+        "state": {0: {"old_p": torch.zeros(2, 3), "momentum_buffer": torch.ones(2, 3)}, 1: {"old_p": torch.zeros(2)}},
+        "param_groups": [dict(opt.state_dict()["param_groups"][0], rho=0.2)],
+    }
+    opt.load_state_dict(canonical)
+    state = opt.base_optimizer.state
+    assert set(state[model.weight].keys()) == {"momentum_buffer"} and model.bias not in state
+    assert opt.param_groups[0]["rho"] == 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_errors():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="rho"):
+        bk.BiSAM(model.parameters(), torch.optim.SGD, rho=-0.1, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        bk.BiSAM(model.parameters(), torch.optim.SGD, rho=float("nan"), lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        bk.BiSAM([{"params": model.parameters(), "rho": -1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        bk.BiSAM(model.parameters(), "sgd", lr=0.1)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        bk.BiSAM(model.parameters(), nn.Linear)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        bk.BiSAM(model.parameters(), lambda groups: groups)
+    with pytest.raises(TypeError, match="base_kwargs"):
+        bk.BiSAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1), lr=0.2)
+    with pytest.raises(ValueError, match="params"):
+        bk.BiSAM(nn.Linear(3, 2).parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="adaptive"):
+        bk.BiSAM(model.parameters(), torch.optim.SGD, adaptive="yes", lr=0.1)
+
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "rho": -0.5})
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.second_step()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.first_step()
+    opt.second_step()
+    opt.first_step()  # a full cycle resets the state
+    opt.second_step()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: no host sync, graph capture
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_cuda_steps_do_not_sync_with_the_host(adaptive):
+    model = small_cnn().cuda()
+    opt = bk.BiSAM(
+        [{"params": list(model.parameters())[:3], "rho": 0.05}, {"params": list(model.parameters())[3:], "rho": 0.1}],
+        torch.optim.SGD, adaptive=adaptive, lr=0.1, momentum=0.9, foreach=True,
+    )  # fmt: skip
+    x, y = torch.randn(12, 1, 8, 8, device="cuda"), torch.randint(0, 10, (12,), device="cuda")
+    for i in range(3):
+        bk.bisam_loss(model(x), y).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.first_step(zero_grad=True)
+            with bk.frozen_bn_stats(model):
+                F.cross_entropy(model(x), y, label_smoothing=0.1).backward()
+            opt.second_step(zero_grad=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_cuda
+def test_cuda_graph_capture_of_first_and_second_step():
+    torch.manual_seed(0)
+    model = small_cnn(norm="gn").cuda()
+    ref_model = copy.deepcopy(model)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, foreach=True)
+    ref = bk.BiSAM(ref_model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, foreach=True)
+    params, ref_params = list(model.parameters()), list(ref_model.parameters())
+    g1 = [torch.randn_like(p) for p in params]
+    g2 = [torch.randn_like(p) for p in params]
+
+    def steps(opt, ps, a, b):
+        for p, g in zip(ps, a):
+            p.grad.copy_(g)
+        opt.first_step()
+        for p, g in zip(ps, b):
+            p.grad.copy_(g)
+        opt.second_step()
+
+    for p in params + ref_params:
+        p.grad = torch.zeros_like(p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        steps(opt, params, g1, g2)  # warm-up: momentum buffers and backups allocated
+    torch.cuda.current_stream().wait_stream(s)
+    steps(ref, ref_params, g1, g2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        steps(opt, params, g1, g2)
+    for _ in range(3):
+        for g in g1 + g2:
+            g.normal_()
+        graph.replay()
+        steps(ref, ref_params, g1, g2)
+    torch.cuda.synchronize()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
