@@ -1,0 +1,118 @@
+"""SAM perturbation + restore: the fused multi-tensor ops against PyTorch-native SAM.
+
+Implementations, side by side in one run:
+  fused     bk.ops.sam_perturb_ + bk.ops.sam_restore_
+  loop      the canonical per-parameter SAM (first_step loop, restore by `p.data = old_p`)
+  foreach   vectorised eager PyTorch (torch._foreach_*)
+  compiled  torch.compile of `foreach` (opt-in: slow to compile on the CPU)
+Bytes moved per call (DESIGN.md section 4): norm reads g (P*b), apply reads g, w and writes
+backup, w (4*P*b), restore reads backup and writes w (2*P*b): 7*P*b.
+
+    python -m pytest bench/bench_sam_perturb.py --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import bisam_kernels as bk
+from bench import models
+from bench.harness import Case, rotation_count, synchronize
+from bisam_kernels import references as ref
+
+RHO = 0.05
+IMPLS = ("fused", "loop", "foreach", "compiled")
+
+
+def param_sets() -> dict:
+    """Parameter-shape sets of real architectures, built without downloads."""
+    return {
+        "resnet56": models.resnet56_param_shapes(),
+        "vit_b16": models.vit_b16_param_shapes(),
+    }
+
+
+def _make_sets(shapes, dtype, device, copies):
+    """`copies` independent (params, grads, backups) sets of random data (rotated between calls)."""
+    sets = []
+    for _ in range(copies):
+        params = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+        grads = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+        backups = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
+        sets.append((params, grads, backups))
+    return sets
+
+
+def _step(impl: str):
+    """One SAM ascent + restore on (params, grads, backups) for the named implementation."""
+    if impl == "fused":
+        def step(params, grads, backups):
+            bk.ops.sam_perturb_(params, grads, backups, RHO)
+            bk.ops.sam_restore_(params, backups)
+    elif impl == "loop":
+        def step(params, grads, backups):
+            old = ref.sam_first_step_loop(params, grads, RHO)
+            ref.sam_restore_loop(params, old)
+    elif impl in ("foreach", "compiled"):
+        first = ref.sam_first_step_foreach if impl == "foreach" else torch.compile(ref.sam_first_step_foreach)
+
+        def step(params, grads, backups):
+            first(params, grads, backups, RHO)
+            ref.sam_restore_foreach(params, backups)
+    else:
+        raise ValueError(f"unknown implementation {impl!r}")
+    return step
+
+
+def sam_cases(device: str, dtype=torch.float32, workloads=None, impls=IMPLS) -> list[Case]:
+    cases = []
+    for name, shapes in param_sets().items():
+        if workloads is not None and name not in workloads:
+            continue
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        elem = torch.empty((), dtype=dtype).element_size()
+        copies = rotation_count(3 * numel * elem, device)
+
+        for impl in impls:
+            def make(shapes=shapes, impl=impl, copies=copies):
+                sets = _make_sets(shapes, dtype, device, copies)
+                step = _step(impl)
+                rotation = itertools.cycle(sets)
+
+                def run():
+                    step(*next(rotation))
+
+                return run
+
+            cases.append(
+                Case(
+                    workload=f"sam_{name}",
+                    impl=impl,
+                    make=make,
+                    floor_bytes=7 * numel * elem,
+                    params={"tensors": len(shapes), "numel": numel, "dtype": str(dtype).replace("torch.", "")},
+                )
+            )
+    return cases
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The compiled baseline compiles for minutes on a CPU: benchmarked on the GPU, and by the runner.
+_BENCH_IMPLS = IMPLS if DEVICE == "cuda" else ("fused", "loop", "foreach")
+
+
+@pytest.mark.parametrize("case", sam_cases(DEVICE, impls=_BENCH_IMPLS), ids=lambda c: f"{c.workload}-{c.impl}")
+def test_sam_perturb_restore(benchmark, case):
+    benchmark.group = case.workload
+    benchmark.extra_info.update(case.params, floor_bytes=case.floor_bytes, impl=case.impl)
+    fn = case.make()
+
+    def timed():
+        fn()
+        synchronize(DEVICE)
+
+    rounds = 5 if "vit" in case.workload else 50
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)

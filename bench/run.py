@@ -1,0 +1,161 @@
+"""Runs every microbenchmark on the available device, side by side, and records the results.
+
+    python -m bench.run                 # full run: table, bench/results/<device>-<date>.json and .png
+    python -m bench.run --quick         # a fast subset (CI): results under build/bench-quick/
+
+Every row: median time, speedup of the fused implementation over each baseline, bytes moved
+(the DESIGN.md section 4 floor), achieved GB/s and its fraction of the copy bandwidth measured
+in the same run, launches per call (CUDA kernels; on the CPU, operators dispatched), peak extra
+memory. The JSON format is described in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import harness  # noqa: E402
+from bench.bench_sam_perturb import sam_cases  # noqa: E402
+
+FUSED = "fused"
+
+
+def collect_cases(device: str, quick: bool, compiled: bool) -> list[harness.Case]:
+    impls = ("fused", "loop", "foreach") + (("compiled",) if compiled else ())
+    cases = []
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
+    for dtype in dtypes:
+        workloads = ["resnet56"] if quick else None
+        cases += sam_cases(device, dtype=dtype, workloads=workloads, impls=impls)
+    return cases
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def format_table(rows: list[dict], copy_gbps: float) -> str:
+    header = (f"{'workload':<24}{'dtype':<10}{'impl':<10}{'median':>12}{'fused x':>9}{'GB/s':>9}"
+              f"{'of copy':>9}{'launches':>10}{'mem MiB':>10}")
+    lines = [f"copy bandwidth measured in this run: {copy_gbps:.1f} GB/s", header, "-" * len(header)]
+    for r in rows:
+        t = r["median_s"]
+        time_text = f"{t * 1e3:9.3f} ms" if t >= 1e-3 else f"{t * 1e6:9.1f} us"
+        speedup = f"{r['fused_speedup']:8.2f}x" if "fused_speedup" in r else f"{'':9}"
+        peak = r.get("extra_memory_bytes")
+        lines.append(
+            f"{r['workload']:<24}{r.get('dtype', ''):<10}{r['impl']:<10}{time_text:>12}{speedup}"
+            f"{r['achieved_gbps']:9.1f}{100 * r['fraction_of_copy_bw']:8.1f}%"
+            f"{r.get('launches', ''):>10}{'' if peak is None else f'{peak / 2**20:10.1f}'}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["workload"], r.get("dtype", "")) for r in rows})
+    impls = [i for i in ("loop", "foreach", "compiled", "released", "eager") if any(r["impl"] == i for r in rows)]
+    fig, (ax_speed, ax_bw) = plt.subplots(1, 2, figsize=(14, 0.5 * len(keys) + 3))
+    labels = [f"{w} ({d})" if d else w for w, d in keys]
+    height = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        ys, xs = [], []
+        for j, key in enumerate(keys):
+            r = next((r for r in rows if (r["workload"], r.get("dtype", "")) == key and r["impl"] == impl), None)
+            if r is not None and "fused_speedup" in r:
+                ys.append(j + k * height)
+                xs.append(r["fused_speedup"])
+        ax_speed.barh(ys, xs, height=height, label=f"vs {impl}")
+    ax_speed.axvline(1.0, color="black", linewidth=0.8)
+    ax_speed.set_xscale("log")
+    ax_speed.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))], labels)
+    ax_speed.set_xlabel("speedup of the fused implementation (x, log scale)")
+    ax_speed.legend()
+    all_impls = [FUSED] + impls
+    height = 0.8 / len(all_impls)
+    for k, impl in enumerate(all_impls):
+        ys, xs = [], []
+        for j, key in enumerate(keys):
+            r = next((r for r in rows if (r["workload"], r.get("dtype", "")) == key and r["impl"] == impl), None)
+            if r is not None:
+                ys.append(j + k * height)
+                xs.append(100 * r["fraction_of_copy_bw"])
+        ax_bw.barh(ys, xs, height=height, label=impl)
+    ax_bw.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))], [""] * len(keys))
+    ax_bw.set_xlabel("achieved bandwidth on the floor bytes, % of measured copy bandwidth")
+    ax_bw.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small, fast subset (what CI runs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results, or build/bench-quick)")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                        help="include torch.compile baselines (default: on the GPU, and on the CPU unless --quick)")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per case")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    device = args.device
+    compiled = args.compiled if args.compiled is not None else not args.quick
+    min_time = args.min_time if args.min_time is not None else (0.1 if args.quick else 0.5)
+    out_dir = args.out or os.path.join(ROOT, "build/bench-quick" if args.quick else "bench/results")
+    os.makedirs(out_dir, exist_ok=True)
+
+    copy_bps = harness.copy_bandwidth(device, nbytes=(256 << 20) if args.quick else (1 << 30))
+    cases = collect_cases(device, args.quick, compiled)
+    rows = []
+    for case in tqdm(cases, desc=f"benchmarks on {device}", unit="case"):
+        rows.append(harness.measure(case, device, min_time_s=min_time))
+    harness.add_ratios(rows, FUSED, copy_bps)
+
+    env = harness.environment(device)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {
+        "format": "bisam_kernels-bench/1",
+        "date": now.isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
+        "quick": args.quick,
+        "environment": env,
+        "copy_bandwidth_gbps": copy_bps / 1e9,
+        "rows": rows,
+    }
+    device_tag = "-".join(filter(None, [device, "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()]))
+    stem = os.path.join(out_dir, f"{device_tag}-{now.strftime('%Y-%m-%d')}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    title = f"bisam_kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}), {now.date()}"
+    plot(rows, stem + ".png", title)
+    print(format_table(rows, copy_bps / 1e9))
+    print(f"results: {os.path.relpath(stem, ROOT)}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
