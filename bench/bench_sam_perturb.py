@@ -2,9 +2,9 @@
 
 Implementations, side by side in one run:
   fused     bk.ops.sam_perturb_ + bk.ops.sam_restore_
-  loop      the canonical per-parameter SAM (first_step loop, restore by `p.data = old_p`)
-  foreach   vectorised eager PyTorch (torch._foreach_*)
-  compiled  torch.compile of `foreach` (opt-in: slow to compile on the CPU)
+  released  the canonical per-parameter SAM loop (first_step loop, restore by `p.data = old_p`)
+  eager     vectorised eager PyTorch (torch._foreach_*)
+  compiled  torch.compile of `eager` (slow to compile on the CPU: GPU and full runner runs only)
 Bytes moved per call (DESIGN.md section 4): norm reads g (P*b), apply reads g, w and writes
 backup, w (4*P*b), restore reads backup and writes w (2*P*b): 7*P*b.
 
@@ -24,7 +24,7 @@ from bench.harness import Case, rotation_count, synchronize
 from bisam_kernels import references as ref
 
 RHO = 0.05
-IMPLS = ("fused", "loop", "foreach", "compiled")
+IMPLS = ("fused", "released", "eager", "compiled")
 
 
 def param_sets() -> dict:
@@ -52,12 +52,12 @@ def _step(impl: str):
         def step(params, grads, backups):
             bk.ops.sam_perturb_(params, grads, backups, RHO)
             bk.ops.sam_restore_(params, backups)
-    elif impl == "loop":
+    elif impl == "released":
         def step(params, grads, backups):
             old = ref.sam_first_step_loop(params, grads, RHO)
             ref.sam_restore_loop(params, old)
-    elif impl in ("foreach", "compiled"):
-        first = ref.sam_first_step_foreach if impl == "foreach" else torch.compile(ref.sam_first_step_foreach)
+    elif impl in ("eager", "compiled"):
+        first = ref.sam_first_step_foreach if impl == "eager" else torch.compile(ref.sam_first_step_foreach)
 
         def step(params, grads, backups):
             first(params, grads, backups, RHO)
@@ -101,7 +101,7 @@ def sam_cases(device: str, dtype=torch.float32, workloads=None, impls=IMPLS) -> 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The compiled baseline compiles for minutes on a CPU: benchmarked on the GPU, and by the runner.
-_BENCH_IMPLS = IMPLS if DEVICE == "cuda" else ("fused", "loop", "foreach")
+_BENCH_IMPLS = IMPLS if DEVICE == "cuda" else ("fused", "released", "eager")
 
 
 @pytest.mark.parametrize("case", sam_cases(DEVICE, impls=_BENCH_IMPLS), ids=lambda c: f"{c.workload}-{c.impl}")

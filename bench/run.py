@@ -31,7 +31,7 @@ FUSED = "fused"
 
 
 def collect_cases(device: str, quick: bool, compiled: bool) -> list[harness.Case]:
-    impls = ("fused", "loop", "foreach") + (("compiled",) if compiled else ())
+    impls = ("fused", "released", "eager") + (("compiled",) if compiled else ())
     cases = []
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
     for dtype in dtypes:
@@ -74,7 +74,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted({(r["workload"], r.get("dtype", "")) for r in rows})
-    impls = [i for i in ("loop", "foreach", "compiled", "released", "eager") if any(r["impl"] == i for r in rows)]
+    colors = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green"}
+    impls = [i for i in ("released", "eager", "compiled") if any(r["impl"] == i for r in rows)]
     fig, (ax_speed, ax_bw) = plt.subplots(1, 2, figsize=(14, 0.5 * len(keys) + 3))
     labels = [f"{w} ({d})" if d else w for w, d in keys]
     height = 0.8 / max(1, len(impls))
@@ -85,7 +86,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             if r is not None and "fused_speedup" in r:
                 ys.append(j + k * height)
                 xs.append(r["fused_speedup"])
-        ax_speed.barh(ys, xs, height=height, label=f"vs {impl}")
+        ax_speed.barh(ys, xs, height=height, label=f"vs {impl}", color=colors.get(impl))
     ax_speed.axvline(1.0, color="black", linewidth=0.8)
     ax_speed.set_xscale("log")
     ax_speed.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))], labels)
@@ -100,7 +101,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             if r is not None:
                 ys.append(j + k * height)
                 xs.append(100 * r["fraction_of_copy_bw"])
-        ax_bw.barh(ys, xs, height=height, label=impl)
+        ax_bw.barh(ys, xs, height=height, label=impl, color=colors.get(impl))
     ax_bw.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))], [""] * len(keys))
     ax_bw.set_xlabel("achieved bandwidth on the floor bytes, % of measured copy bandwidth")
     ax_bw.legend()

@@ -28,11 +28,21 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 mkdir -p "$repo/build"
 log="$repo/build/extension-build.log"
-if ! (cd "$repo" && python -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1); then
-  tail -n 60 "$log"
-  echo "extension build failed; full log: build/extension-build.log" >&2
-  exit 1
+# Rebuild only when the sources or the build settings changed since the last successful build.
+build_stamp="$repo/build/.extension.sha"
+build_key="$(cd "$repo" && cat setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)-${BISAM_REQUIRE_CUDA:-}-${TORCH_CUDA_ARCH_LIST:-}-${BISAM_FORCE_CPU:-}"
+if [ "$(cat "$build_stamp" 2>/dev/null)" = "$build_key" ] && python -c "import bisam_kernels" 2>/dev/null; then
+  echo "bisam_kernels: extension up to date (build/extension-build.log)"
+else
+  if ! (cd "$repo" && python -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1); then
+    tail -n 60 "$log"
+    echo "extension build failed; full log: build/extension-build.log" >&2
+    exit 1
+  fi
+  echo "$build_key" > "$build_stamp"
 fi
 grep -m1 -o "bisam_kernels: building the [A-Za-z-]* extension" "$log" || true
-grep -o "nvcc .*\.cu -o [^ ]*\|-gencode=[^ ]*" "$log" | sort -u | sed 's/^/  /' || true
+for cu in $(grep -o "nvcc .* -c [^ ]*\.cu" "$log" | grep -o "[^ ]*\.cu$" | sort -u); do
+  echo "  nvcc compiled ${cu#"$repo"/} for $(grep -o -- "-gencode=[^ ]*" "$log" | sort -u | sed 's/.*code=//' | tr '\n' ' ')"
+done
 python -c "import bisam_kernels as bk; print('bisam_kernels built; CUDA kernels:', bk.built_with_cuda())"
