@@ -22,20 +22,30 @@ struct TensorLists {
 };
 
 // `lists` are checked pairwise against lists[0]; names[k] is what the user called lists[k].
-// `writable[k]` marks lists written in place: those must already be dense with lists[0]'s strides.
-// Read-only tensors with another layout are copied into lists[0]'s layout.
+// `writable[k]` marks lists written in place: those must already be dense with lists[0]'s strides,
+// and no tensor written in place may share memory with any other tensor of the call (blocks run
+// concurrently: an alias would race). Read-only tensors with another layout are copied into
+// lists[0]'s layout. `extra_inputs` are further read-only tensors checked for overlap.
 TensorLists check_tensor_lists(
     const std::vector<at::TensorList>& lists,
     const std::vector<const char*>& names,
-    const std::vector<bool>& writable);
+    const std::vector<bool>& writable,
+    const std::vector<at::Tensor>& extra_inputs = {});
 
 // grad_sq_norm's lists: grads alone, or grads paired with params when adaptive.
 TensorLists check_sq_norm_lists(at::TensorList grads, at::TensorList params, bool adaptive);
 
-void check_rho_and_eps(double rho, double eps);
+// sam_perturb_'s arguments, validated: the lists (params, grads, backups), the accumulator dtype,
+// and rho / sq_norm as one-element tensors of that dtype on the lists' device when given.
+struct PerturbArgs {
+  TensorLists tl;
+  at::ScalarType acc_type;
+  std::optional<at::Tensor> rho;
+  std::optional<at::Tensor> sq_norm;
+};
 
-// An optional 0-dim (or one-element) floating tensor on `device`, converted to `dtype`.
-std::optional<at::Tensor> check_scalar_tensor(
-    const std::optional<at::Tensor>& t, const char* name, at::Device device, at::ScalarType dtype);
+PerturbArgs check_perturb_args(
+    at::TensorList params, at::TensorList grads, at::TensorList backups, double rho,
+    const std::optional<at::Tensor>& rho_tensor, double eps, const std::optional<at::Tensor>& sq_norm);
 
 }  // namespace bisam

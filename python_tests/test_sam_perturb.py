@@ -283,7 +283,39 @@ def test_bad_shapes_and_dtypes():
         bk.ops.sam_perturb_([w], [torch.randn(4, 3)], [torch.empty(4, 3)], 0.05)
 
 
-@pytest.mark.parametrize("rho", [-0.1, float("nan"), float("inf")])
+def test_aliasing_arguments_are_rejected():
+    params, grads, backups = make_lists([30, 20], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="shares memory"):  # a parameter listed twice
+        bk.ops.sam_perturb_([params[0], params[0]], [grads[0], grads[0]], [backups[0], torch.empty(30)], 0.05)
+    with pytest.raises(ValueError, match="shares memory"):
+        bk.ops.sam_perturb_(params, grads, [params[0], backups[1]], 0.05)  # backup is the param
+    with pytest.raises(ValueError, match="shares memory"):
+        bk.ops.sam_perturb_(params, [backups[0], grads[1]], backups, 0.05)  # grad is a backup
+    with pytest.raises(ValueError, match="shares memory"):
+        bk.ops.sam_perturb_(params, grads, backups, 0.05, sq_norm=params[1][3])  # sq_norm inside a param
+    with pytest.raises(ValueError, match="shares memory"):
+        half = torch.empty(40)
+        bk.ops.sam_restore_([half[:20], half[10:30]], [backups[0][:20], backups[1]])
+    # Reading the same gradient twice is fine: only tensors written in place must not alias.
+    bk.ops.sam_perturb_(params, [grads[0], grads[0][:20]], backups, 0.05)
+
+
+def test_size_one_dims_do_not_count_as_layout():
+    w = (torch.randn(5, 1, dtype=torch.float64) * 0.02).float().t()  # shape (1, 5), strides (1, 1)
+    g = torch.randn(1, 5)  # strides (5, 1): the same memory order
+    b = torch.empty(1, 5)
+    old = w.clone()
+    expected, _ = ref.sam_perturb_fp64([old], [g], 0.05)
+    bk.ops.sam_perturb_([w], [g], [b], 0.05)
+    assert perturbation_error([w], [old], expected) < 1e-5 and torch.equal(b, old)
+
+
+def test_raw_op_rejects_params_without_adaptive():
+    with pytest.raises(ValueError, match="params are only read when adaptive=True"):
+        torch.ops.bisam.grad_sq_norm([torch.ones(3)], [torch.ones(3)], False)
+
+
+@pytest.mark.parametrize("rho", [-0.1, float("nan"), float("inf"), 1e39])
 def test_bad_rho(rho):
     params, grads, backups = make_lists([3], torch.float32, "cpu")
     with pytest.raises(ValueError, match="rho"):
@@ -311,6 +343,11 @@ def test_mixed_devices():
         bk.ops.sam_perturb_(params, [grads[0], grads[1].cpu()], backups, 0.05)
     with pytest.raises(ValueError, match="rho is on cpu"):
         bk.ops.sam_perturb_(params, grads, backups, torch.tensor(0.05))
+    cpu_params, cpu_grads, cpu_backups = make_lists([3], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="rho is on cuda"):  # a CUDA scalar routes the call to CUDA
+        bk.ops.sam_perturb_(cpu_params, cpu_grads, cpu_backups, torch.tensor(0.05, device="cuda"))
+    with pytest.raises(ValueError, match="sq_norm is on cuda"):
+        bk.ops.sam_perturb_(cpu_params, cpu_grads, cpu_backups, 0.05, sq_norm=torch.ones((), device="cuda"))
 
 
 # ---- CUDA-only: no host synchronisation, many launches, int64 indexing ----

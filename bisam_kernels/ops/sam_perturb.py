@@ -135,6 +135,12 @@ def sam_perturb_(
     or a one-element tensor on the params' device. The scale is computed on the device: no host sync.
     A zero or non-finite norm, or an invalid rho tensor, leaves the weights untouched (backups are
     still written); the returned 0-dim norm shows it (inf/NaN; NaN for an invalid rho tensor).
+
+    Tensors written in place must not alias any other argument (a parameter listed twice is an
+    error). On CUDA every input, ``sq_norm`` and a rho tensor included, is read on the current
+    stream: order work from other streams before the call as usual (e.g. wait on an async
+    all-reduce's handle). The CUDA kernel rounds ``w + scale * g`` once (a fused multiply-add); the
+    CPU path rounds the step and then the sum, so the two devices may differ in the last bit.
     """
     params = _as_tensor_list(params, "params")
     grads = _as_tensor_list(grads, "grads")

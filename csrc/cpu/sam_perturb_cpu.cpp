@@ -108,14 +108,12 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, bool ad
 at::Tensor sam_perturb_cpu(
     at::TensorList params, at::TensorList grads, at::TensorList backups, double rho,
     const std::optional<at::Tensor>& rho_tensor, bool adaptive, double eps, const std::optional<at::Tensor>& sq_norm) {
-  check_rho_and_eps(rho_tensor.has_value() ? 0.0 : rho, eps);
-  const TensorLists tl = check_tensor_lists(
-      {params, grads, backups}, {"params", "grads", "backups"}, {true, false, true});
-  const at::ScalarType acc_type = accumulate_type(tl.dtype);
-  const auto rho_t = check_scalar_tensor(rho_tensor, "rho", tl.device, acc_type);
-  const auto sq_t = check_scalar_tensor(sq_norm, "sq_norm", tl.device, acc_type);
+  const PerturbArgs args = check_perturb_args(params, grads, backups, rho, rho_tensor, eps, sq_norm);
+  const TensorLists& tl = args.tl;
+  const auto& rho_t = args.rho;
+  const auto& sq_t = args.sq_norm;
   const auto chunks = split_into_chunks(tl.numels);
-  at::Tensor norm_out = at::empty({}, params[0].options().dtype(acc_type));
+  at::Tensor norm_out = at::empty({}, params[0].options().dtype(args.acc_type));
   const auto& w = tl.lists[0];
   const auto& g = tl.lists[1];
   const auto& b = tl.lists[2];

@@ -169,10 +169,13 @@ __device__ __forceinline__ T perturbed(T w, T g, acc_t<T> scale) {
 }
 
 // backup <- w and, when scale != 0, w <- w + scale * (w^2) * g over one chunk.
+// The checks reject aliasing between the lists, so the pointers may be __restrict__ (loads can be
+// hoisted above stores).
 template <typename T, bool Adaptive, bool Update>
-__device__ __forceinline__ void perturb_chunk(T* w, const T* g, T* backup, int64_t n, acc_t<T> scale) {
+__device__ __forceinline__ void perturb_chunk(
+    T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup, int64_t n, acc_t<T> scale) {
   int64_t scalar_from = 0;
-  if (aligned16(w) && aligned16(g) && aligned16(backup)) {
+  if (aligned16(w) && aligned16(backup) && (!Update || aligned16(g))) {
     constexpr int V = Vec<T>::kSize;
     const int64_t num_vec = n / V;
     auto* wv = reinterpret_cast<Vec<T>*>(w);
@@ -181,12 +184,14 @@ __device__ __forceinline__ void perturb_chunk(T* w, const T* g, T* backup, int64
 #pragma unroll 2
     for (int64_t k = threadIdx.x; k < num_vec; k += kThreads) {
       Vec<T> wk = wv[k];
-      bv[k] = wk;
       if constexpr (Update) {
-        const Vec<T> gk = gv[k];
+        const Vec<T> gk = gv[k];  // both loads issued before the stores
+        bv[k] = wk;
 #pragma unroll
         for (int j = 0; j < V; ++j) wk.v[j] = perturbed<T, Adaptive>(wk.v[j], gk.v[j], scale);
         wv[k] = wk;
+      } else {
+        bv[k] = wk;
       }
     }
     scalar_from = num_vec * V;

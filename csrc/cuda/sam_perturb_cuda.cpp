@@ -50,14 +50,13 @@ at::Tensor grad_sq_norm_cuda(at::TensorList grads, at::TensorList params, bool a
 at::Tensor sam_perturb_cuda(
     at::TensorList params, at::TensorList grads, at::TensorList backups, double rho,
     const std::optional<at::Tensor>& rho_tensor, bool adaptive, double eps, const std::optional<at::Tensor>& sq_norm) {
-  check_rho_and_eps(rho_tensor.has_value() ? 0.0 : rho, eps);
-  const TensorLists tl = check_tensor_lists(
-      {params, grads, backups}, {"params", "grads", "backups"}, {true, false, true});
+  // Checked before the device guard: a CUDA rho with CPU lists must fail with a message naming rho.
+  const PerturbArgs args = check_perturb_args(params, grads, backups, rho, rho_tensor, eps, sq_norm);
+  const TensorLists& tl = args.tl;
   const c10::cuda::CUDAGuard guard(tl.device);
-  const at::ScalarType acc_type = accumulate_type(tl.dtype);
-  const at::TensorOptions acc_options = params[0].options().dtype(acc_type);
-  const auto rho_t = check_scalar_tensor(rho_tensor, "rho", tl.device, acc_type);
-  const auto given_sq = check_scalar_tensor(sq_norm, "sq_norm", tl.device, acc_type);
+  const at::TensorOptions acc_options = params[0].options().dtype(args.acc_type);
+  const auto& rho_t = args.rho;
+  const auto& given_sq = args.sq_norm;
   // adaptive: the norm is of |w| * g, so the params list doubles as the reduction's second input.
   const at::Tensor sq = given_sq ? *given_sq
                                  : sq_norm_of(TensorLists{{tl.lists[1], tl.lists[0]}, tl.device, tl.dtype, tl.numels},
