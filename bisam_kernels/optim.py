@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 
-from bisam_kernels.ops import grad_sq_norm, sam_perturb_, sam_restore_
+from bisam_kernels import _extension  # noqa: F401  (registers torch.ops.bisam)
+
+_ops = torch.ops.bisam  # the raw ops: the plan already groups by device and dtype
 
 __all__ = ["BiSAM", "SAM"]
 
@@ -60,6 +63,21 @@ def _rho_key(rho):
     return ("tensor", id(rho)) if isinstance(rho, torch.Tensor) else float(rho)
 
 
+def _rho_args(rho) -> tuple[float, torch.Tensor | None]:
+    """(rho_value, rho_tensor) as the op takes them; a float rho is validated by the op."""
+    return (0.0, rho) if isinstance(rho, torch.Tensor) else (float(rho), None)
+
+
+class _Plan(NamedTuple):
+    """The fused calls of one step, cached while the signature (groups, params with grads) is unchanged."""
+
+    signature: tuple
+    buckets: list  # (params, locals, backups, rho, adaptive): one sam_perturb_ call each
+    terms: list  # (params, locals, adaptive, shard process groups): one grad_sq_norm call each
+    restores: list  # (params, locals, backups): one sam_restore_ call each (per device and dtype)
+    sharded: bool  # DTensor parameters: local shards are re-read every step
+
+
 class BiSAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization with fused multi-tensor steps (canonical SAM interface).
 
@@ -91,7 +109,8 @@ class BiSAM(torch.optim.Optimizer):
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
-        self._perturbed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._plan: _Plan | None = None
+        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._scaler_stepping = False
         defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
 
@@ -164,6 +183,50 @@ class BiSAM(torch.optim.Optimizer):
             self._backups[p] = b
         return b
 
+    def _signature(self) -> tuple:
+        """What the plan depends on: the groups (their params lists, rho, adaptive, device and dtype) and
+        which parameters have gradients. Cheap enough to compute every step (no tensor work)."""
+        groups = self.param_groups
+        return (
+            tuple(
+                (id(g["params"]), len(g["params"]), g["adaptive"], _rho_key(g["rho"]),
+                 (g["params"][0].device, g["params"][0].dtype) if g["params"] else None)
+                for g in groups
+            ),
+            tuple([p.grad is None for g in groups for p in g["params"]]),
+        )  # fmt: skip
+
+    def _build_plan(self, signature: tuple) -> _Plan:
+        """Group the parameters with gradients into fused calls (one per device, dtype, adaptive and rho) and
+        squared-norm terms (one per device, dtype, adaptive and sharding); allocate missing backups."""
+        buckets: dict[tuple, tuple[list, list, list, object]] = {}
+        terms: dict[tuple, tuple[list, list]] = {}
+        restores: dict[tuple, tuple[list, list]] = {}
+        for group in self.param_groups:
+            adaptive, rho = group["adaptive"], group["rho"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BiSAM does not support sparse gradients")
+                w = _local(p)
+                b = self._backup_for(p, w)
+                key = (w.device, w.dtype)
+                for lists, items in (
+                    (buckets.setdefault((*key, adaptive, _rho_key(rho)), ([], [], [], rho)), (p, w, b)),
+                    (terms.setdefault((*key, adaptive, _shard_groups(p)), ([], [])), (p, w)),
+                    (restores.setdefault(key, ([], [], [])), (p, w, b)),
+                ):
+                    for lst, item in zip(lists, items):
+                        lst.append(item)
+        return _Plan(
+            signature,
+            [(ps, ws, bs, rho, k[2]) for k, (ps, ws, bs, rho) in buckets.items()],
+            [(ps, ws, k[2], k[3]) for k, (ps, ws) in terms.items()],
+            list(restores.values()),
+            any(_is_dtensor(p) for ps, _, _ in restores.values() for p in ps),
+        )
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> torch.Tensor:
         """Ascent step ``w <- w + e(w)`` from the current gradients; keeps ``w`` for :meth:`second_step`.
@@ -174,66 +237,51 @@ class BiSAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "first_step() was called twice without second_step(): the weights are already perturbed"
             )
-        # buckets: one fused call per (device, adaptive, rho); squared-norm terms per (device, adaptive, shards)
-        buckets: dict[tuple, tuple[list, list, list, object]] = {}
-        terms: dict[tuple, tuple[list, list]] = {}
-        params_done: list[torch.Tensor] = []
-        backups_done: list[torch.Tensor] = []
-        for group in self.param_groups:
-            adaptive, rho = group["adaptive"], group["rho"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("BiSAM does not support sparse gradients")
-                w, g = _local(p), _local(p.grad)
-                b = self._backup_for(p, w)
-                ws, gs, bs, _ = buckets.setdefault((w.device, adaptive, _rho_key(rho)), ([], [], [], rho))
-                ws.append(w), gs.append(g), bs.append(b)
-                tw, tg = terms.setdefault((w.device, adaptive, _shard_groups(p)), ([], []))
-                tw.append(w), tg.append(g)
-                params_done.append(w), backups_done.append(b)
+        signature = self._signature()
+        plan = self._plan
+        if plan is None or plan.signature != signature:
+            plan = self._plan = self._build_plan(signature)
 
-        if not buckets:
+        def local_lists(ps, ws):  # DTensor local shards are re-read every step; plain tensors are cached
+            if plan.sharded:
+                return [_local(p) for p in ps], [_local(p.grad) for p in ps]
+            return ws, [p.grad for p in ps]
+
+        if not plan.buckets:
             norm = torch.zeros(())
-        elif len(buckets) == 1 and len(terms) == 1 and not next(iter(terms))[2]:
+        elif len(plan.buckets) == 1 and len(plan.terms) == 1 and not plan.terms[0][3]:
             # the common case: one fused norm + perturbation over everything
-            (device, adaptive, _), (ws, gs, bs, rho) = next(iter(buckets.items()))
-            norm = sam_perturb_(ws, gs, bs, rho, adaptive=adaptive, eps=_EPS)
+            ps, ws, bs, rho, adaptive = plan.buckets[0]
+            ws, gs = local_lists(ps, ws)
+            norm = _ops.sam_perturb_(ws, gs, bs, *_rho_args(rho), adaptive, _EPS, None)
         else:
-            sq = self._global_sq_norm(terms)
-            for (device, adaptive, _), (ws, gs, bs, rho) in buckets.items():
-                sam_perturb_(ws, gs, bs, rho, adaptive=adaptive, eps=_EPS, sq_norm=sq.to(device))
+            sq = None
+            for ps, ws, adaptive, shard_groups in plan.terms:
+                ws, gs = local_lists(ps, ws)
+                part = _ops.grad_sq_norm(gs, ws if adaptive else [], adaptive)
+                for pg in shard_groups:  # FSDP2 shards: sum the local squared norms over the mesh dimension
+                    torch.distributed.all_reduce(part, op=torch.distributed.ReduceOp.SUM, group=pg)
+                sq = part if sq is None else sq + part.to(sq.device, torch.promote_types(sq.dtype, part.dtype))
+            for ps, ws, bs, rho, adaptive in plan.buckets:
+                ws, gs = local_lists(ps, ws)
+                _ops.sam_perturb_(ws, gs, bs, *_rho_args(rho), adaptive, _EPS, sq.to(ws[0].device))
             norm = sq.sqrt()
-        self._perturbed = (params_done, backups_done)
+        self._perturbed = (
+            [(local_lists(ps, ws)[0], bs) for ps, ws, bs in plan.restores] if plan.sharded
+            else [(ws, bs) for _, ws, bs in plan.restores]
+        )  # fmt: skip
         if zero_grad:
             self.zero_grad()
         return norm
-
-    @staticmethod
-    def _global_sq_norm(terms: dict) -> torch.Tensor:
-        """Sum of the squared-norm terms, each all-reduced over the process groups its tensors are sharded on."""
-        total = None
-        for (device, adaptive, groups), (ws, gs) in terms.items():
-            sq = grad_sq_norm(gs, ws if adaptive else None, adaptive=adaptive)
-            for pg in groups:  # FSDP2 shards: sum the local squared norms over the mesh dimension
-                torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.SUM, group=pg)
-            total = sq if total is None else total + sq.to(total.device, total.dtype)
-        return total
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo :meth:`first_step` (``w <- backup``, bit-exact) without stepping the base optimizer."""
         if self._perturbed is None:
             raise RuntimeError("second_step()/restore() was called without first_step(): nothing to restore")
-        params, backups = self._perturbed
-        self._perturbed = None
-        by_device: dict[torch.device, tuple[list, list]] = {}
-        for w, b in zip(params, backups):
-            ws, bs = by_device.setdefault(w.device, ([], []))
-            ws.append(w), bs.append(b)
-        for ws, bs in by_device.values():
-            sam_restore_(ws, bs)
+        pairs, self._perturbed = self._perturbed, None
+        for ws, bs in pairs:  # one fused call per device and dtype
+            _ops.sam_restore_(ws, bs)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None):
@@ -307,7 +355,7 @@ class BiSAM(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_backups"], state["_perturbed"] = {}, None  # transient; reallocated on the next first_step
+        state["_backups"], state["_plan"], state["_perturbed"] = {}, None, None  # transient
         return state
 
     def __repr__(self) -> str:
