@@ -153,6 +153,7 @@ class BiSAM(torch.optim.Optimizer):
                 )
         self.base_optimizer = base
         self.param_groups = base.param_groups  # one list of groups, shared (canonical SAM)
+        self.state = base.state  # the base's per-parameter state (momentum, moments), for tools that look
         self.defaults.update(base.defaults)
 
     # ------------------------------------------------------------------------------------------
@@ -348,6 +349,7 @@ class BiSAM(torch.optim.Optimizer):
         state_dict["state"] = {k: s for k, s in state_dict["state"].items() if s}
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         for group in self.param_groups:
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("adaptive", self.defaults["adaptive"])

@@ -368,7 +368,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(base_name):
     opt2, sched2 = _build(resumed, base_name)
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
-    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert opt2.param_groups is opt2.base_optimizer.param_groups and opt2.state is opt2.base_optimizer.state
     for x, y in batches[5:]:
         bk.bisam_step(resumed, opt2, x, y)
         sched2.step()
