@@ -1,9 +1,9 @@
 """BiSAM under torch.distributed on the CPU: 2 processes over gloo.
 
-- DDP, per-replica perturbation (pass 1 under ``no_sync``) and synchronised pass 1: the ranks hold
-  identical weights after every step, and the step equals a single-process recomputation (the mean
-  over replicas of the pass-2 gradients, each taken at that replica's own perturbation; or one
-  perturbation from the whole batch).
+- DDP, per-replica perturbation (pass 1 under ``no_sync``) and synchronised pass 1, with and without
+  micro-batches: the ranks hold identical weights after every step, and the step equals a
+  single-process recomputation (the mean over replicas of the pass-2 gradients, each taken at that
+  replica's own perturbation; or one perturbation from the whole batch).
 - FSDP2 (``fully_shard``): the sharded run matches a single-process run on the whole batch (the
   squared norm of the local shards is all-reduced before the perturbation).
 """
@@ -110,7 +110,9 @@ def _ddp_worker(rank: int, init: str) -> None:
                 ref_opt = bk.BiSAM(ref.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
                 what = f"DDP {'synchronised' if synced else 'per-replica'}{' + BN' if with_bn else ''}"
                 for step, (x, y) in enumerate(_batches(4, 2 * 10)):
-                    bk.bisam_step(ddp, opt, _shard(x, rank), _shard(y, rank), sync_first_pass=synced)
+                    micro = 1 if with_bn else 2  # accumulation under DDP: no_sync until the last micro-batch
+                    xs, ys = _shard(x, rank), _shard(y, rank)
+                    bk.bisam_step(ddp, opt, xs, ys, sync_first_pass=synced, micro_batches=micro)
                     _assert_same_on_all_ranks(list(ddp.parameters()), f"{what}, step {step}")
                     if with_bn:
                         continue  # per-rank batch statistics: no single-process equivalent
