@@ -6,9 +6,20 @@ uses a lower bound of the 0-1 loss. See README.md for the API and DESIGN.md for 
 
 from bisam_kernels import ops
 from bisam_kernels._extension import built_with_cuda
+from bisam_kernels.ops.bisam_loss import BiSAMLoss, bisam_loss
 from bisam_kernels.optim import SAM, BiSAM
 from bisam_kernels.training import BiSAMStepOutput, bisam_step, frozen_bn_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "built_with_cuda", "BiSAM", "SAM", "bisam_step", "BiSAMStepOutput", "frozen_bn_stats"]
+__all__ = [
+    "ops",
+    "built_with_cuda",
+    "bisam_loss",
+    "BiSAMLoss",
+    "BiSAM",
+    "SAM",
+    "bisam_step",
+    "BiSAMStepOutput",
+    "frozen_bn_stats",
+]

@@ -3,9 +3,14 @@
 - float64 references written from the formulas of DESIGN.md section 1 (the tests' ground truth);
 - the released code's semantics: the canonical per-parameter PyTorch SAM loop (baseline (a));
 - vectorised eager PyTorch with torch._foreach_* (baseline (b); torch.compile of it is baseline (c)).
+
+The same three for the BiSAM loss: ``bisam_loss_fp64``, ``bisam_loss_released`` (the row loop) and
+``bisam_loss_eager`` (gather / logsumexp).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -68,3 +73,86 @@ def sam_first_step_foreach(params, grads, backups, rho: float, adaptive: bool = 
 
 def sam_restore_foreach(params, backups) -> None:
     torch._foreach_copy_(params, backups)
+
+
+# ---------------------------------------------------------------------------------------------
+# BiSAM lower-bound loss
+# ---------------------------------------------------------------------------------------------
+
+_LOSS_GAMMA = math.log(math.e - 1.0)
+
+
+def _loss_phi(F: torch.Tensor, phi: str, alpha: float) -> torch.Tensor:
+    if phi == "tanh":
+        return torch.tanh(alpha * F)
+    if phi == "log":
+        return 1.0 - torch.nn.functional.softplus(_LOSS_GAMMA - F)
+    raise ValueError(f"phi must be 'tanh' or 'log', got {phi!r}")
+
+
+def _loss_reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str, shape) -> torch.Tensor:
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(shape)
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / valid.sum()  # 0 / 0 = NaN when every row is ignored, as F.cross_entropy
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def bisam_loss_fp64(logits, targets, phi="log", mu=1.0, alpha=0.1, reduction="mean", ignore_index=-100,
+                    scale_by_mu=False):
+    """The loss of DESIGN.md section 1 in float64, from the formulas (the tests' ground truth).
+
+    ``F_j = z_j - z_y``, ``s_j = mu * phi(F_j)``, ``l = logsumexp_j s_j`` (``/ mu`` with scale_by_mu);
+    logits ``(..., K)`` (classes last), rows whose target is ``ignore_index`` count for nothing. The
+    result is float64 and differentiable by autograd (differentiate it with respect to a float64 leaf).
+    """
+    K = logits.shape[-1]
+    z = logits.reshape(-1, K).to(torch.float64)
+    t = targets.reshape(-1).long()
+    valid = t != ignore_index
+    zy = z.gather(1, torch.where(valid, t, 0).unsqueeze(1))
+    rows = torch.logsumexp(mu * _loss_phi(z - zy, phi, alpha), dim=1)
+    if scale_by_mu:
+        rows = rows / mu
+    return _loss_reduce(rows, valid, reduction, targets.shape)
+
+
+def bisam_loss_released(logits, targets, phi="log", mu=1.0, alpha=0.1):
+    """The released code's semantics (``loss_fnc.py``): a Python loop over rows shifting each row by its
+    target logit, then ``logsumexp(mu * phi)``, mean over rows. Baseline (a).
+
+    The released functions shift their argument in place; this one shifts a clone it makes, so the
+    caller's logits are left untouched and a leaf that requires grad can be passed. The loop, one
+    in-place row update (and its autograd node) per row, is kept as released.
+    """
+    pred = logits.clone()
+    for i in range(len(targets)):
+        pred[i] = pred[i] - pred[i][targets[i]]
+    if phi == "tanh":
+        s = mu * torch.tanh(alpha * pred)
+    elif phi == "log":
+        s = mu * (1 + torch.nn.functional.softplus(pred - torch.log(torch.tensor(math.e - 1)), beta=-1))
+    else:
+        raise ValueError(f"phi must be 'tanh' or 'log', got {phi!r}")
+    return torch.logsumexp(s, 1).mean()
+
+
+def bisam_loss_eager(logits, targets, phi="log", mu=1.0, alpha=0.1, reduction="mean", ignore_index=-100,
+                     scale_by_mu=False):
+    """Vectorised eager PyTorch (gather / logsumexp) in the logits' own dtype, differentiable by autograd.
+
+    Baseline (b); ``torch.compile`` of it is baseline (c); in bfloat16 / float16 it measures PyTorch's
+    own same-dtype error.
+    """
+    K = logits.shape[-1]
+    z = logits.reshape(-1, K)
+    t = targets.reshape(-1).long()
+    valid = t != ignore_index
+    F = z - z.gather(1, torch.where(valid, t, 0).unsqueeze(1))
+    rows = torch.logsumexp(mu * _loss_phi(F, phi, alpha), dim=1)
+    if scale_by_mu:
+        rows = rows / mu
+    return _loss_reduce(rows, valid, reduction, targets.shape)

@@ -1,0 +1,609 @@
+"""The fused BiSAM loss against the float64 reference of DESIGN.md section 1.
+
+Every check runs through the Triton kernels (under TRITON_INTERPRET=1 on CPU tensors when there is no
+GPU, on CUDA tensors when there is one) and through the composite CPU path. Buffers the kernels write
+are NaN-poisoned first (the module allocates them through one function, replaced here).
+"""
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+import bisam_kernels as bk
+from bisam_kernels.references import bisam_loss_eager, bisam_loss_fp64, bisam_loss_released
+
+M = importlib.import_module("bisam_kernels.ops.bisam_loss")  # (bk.ops.bisam_loss is the function)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+PHIS = ["tanh", "log"]
+REDUCTIONS = ["mean", "sum", "none"]
+IGNORE = -100
+
+# Every K in {1, 2, 10, 100, 1000, 32001} and N in {0, 1, 7, 128}; K = 32001 (two-pass kernel) with few rows.
+SHAPES = [(0, 10), (1, 1), (7, 1), (128, 2), (7, 10), (128, 10), (1, 100), (128, 100), (7, 1000), (1, 32001),
+          (7, 32001)]
+
+
+class Route:
+    """Reusable context: route CPU tensors through the Triton kernels (interpreter) or not."""
+
+    def __init__(self, triton: bool):
+        self.triton = triton
+
+    def __enter__(self):
+        self._cm = M.triton_on_cpu(self.triton)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+@pytest.fixture(params=["composite", "triton"] + (["cuda"] if torch.cuda.is_available() else []))
+def backend(request):
+    """(device, context): the composite CPU path, the Triton kernels on the CPU (interpreter), CUDA."""
+    if request.param == "composite":
+        return "cpu", Route(False)
+    if request.param == "triton":
+        if not INTERPRETED:
+            pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without a GPU)")
+        return "cpu", Route(True)
+    return "cuda", Route(False)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer a kernel writes starts as NaN (integers as -7), so an unwritten element fails."""
+
+    def empty(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(M, "_empty", empty)
+
+
+def make_inputs(N, K, device, dtype=torch.float32, scale=3.0, ignored=0.2, target_dtype=torch.int64):
+    z = (torch.randn(N, K, dtype=torch.float64) * scale).to(dtype).to(device)
+    t = torch.randint(0, K, (N,), dtype=target_dtype)
+    t[torch.rand(N) < ignored] = IGNORE
+    return z, t.to(device)
+
+
+def reference(z, t, weights=None, **kw):
+    """(loss, d(sum(weights * loss))/dz) in float64, from the float64 reference by autograd."""
+    z64 = z.detach().double().cpu().requires_grad_()
+    loss = bisam_loss_fp64(z64, t.cpu(), **kw)
+    w = torch.ones_like(loss) if weights is None else weights.double().cpu()
+    (loss * w).sum().backward()
+    return loss.detach(), z64.grad
+
+
+def run(z, t, weights=None, **kw):
+    """(loss, gradient) of the public function on a leaf copy of z."""
+    leaf = z.detach().clone().requires_grad_()
+    loss = bk.bisam_loss(leaf, t, **kw)
+    w = torch.ones_like(loss) if weights is None else weights.to(loss)
+    (loss * w).sum().backward()
+    return loss.detach(), leaf.grad
+
+
+def assert_close(out, ref, rtol, what, floor=1e-7):
+    """|out - ref| <= rtol * |ref| + atol elementwise, atol = floor * max(1, max |ref|) (the tensor's scale)."""
+    out, ref = out.detach().double().cpu(), ref.double()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    scale = max(1.0, ref.abs().max().item()) if torch.isfinite(ref).all() else 1.0
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=floor * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check(z, t, ctx, weights=None, rtol=1e-5, floor=1e-7, **kw):
+    """The public function (inside ctx) against the float64 reference: loss and gradient."""
+    ref_loss, ref_grad = reference(z, t, weights, **kw)
+    with ctx:
+        loss, grad = run(z, t, weights, **kw)
+    assert loss.dtype == z.dtype and grad.dtype == z.dtype
+    assert_close(loss, ref_loss, rtol, "loss", floor=floor)
+    assert_close(grad, ref_grad, rtol, "gradient", floor=floor)
+    return loss, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy against the float64 reference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("phi", PHIS)
+def test_matches_fp64_reference(backend, phi, reduction, N, K):
+    device, ctx = backend
+    z, t = make_inputs(N, K, device)
+    weights = torch.randn(N, dtype=torch.float64) if reduction == "none" else None
+    check(z, t, ctx, weights, phi=phi, mu=2.5, alpha=0.3, reduction=reduction, ignore_index=IGNORE)
+
+
+@pytest.mark.parametrize("phi", PHIS)
+@pytest.mark.parametrize("mu,scale", [(100.0, 1.0), (1.0, 1e4), (100.0, 1e4), (0.01, 30.0)])
+def test_extreme_logits_and_mu(backend, phi, mu, scale):
+    device, ctx = backend
+    z, t = make_inputs(33, 130, device, scale=scale)
+    z[0, :] = 0.0  # every margin 0: phi = 0 everywhere, loss = log K
+    z[1, 5] = 1e4  # one huge wrong logit
+    z[2] = -1e4
+    z[2, int(t[2].clamp(min=0))] = 1e4  # a very confident correct row: loss ~ 0
+    weights = torch.rand(33, dtype=torch.float64) + 0.5
+    # s = mu * phi is rounded to float32 before the log-sum-exp: an error of ~mu * 2^-24 per term.
+    loss, grad = check(z, t, ctx, weights, floor=1e-7 * max(1.0, mu), phi=phi, mu=mu, alpha=0.1, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("phi", PHIS)
+@pytest.mark.parametrize("N,K,reduction", [(128, 10, "mean"), (7, 1000, "none"), (3, 32001, "sum")])
+def test_low_precision_within_twice_pytorch_error(backend, dtype, phi, N, K, reduction):
+    """bf16/fp16 logits: error against float64 at most 2x PyTorch's own same-dtype error, plus one unit of
+    the dtype's rounding at the reference's scale (the error of merely storing the exact answer)."""
+    device, ctx = backend
+    z, t = make_inputs(N, K, device, dtype=dtype)
+    kw = dict(phi=phi, mu=2.0, alpha=0.3, reduction=reduction)
+    weights = torch.rand(N, dtype=torch.float64) if reduction == "none" else None
+    ref_loss, ref_grad = reference(z, t, weights, **kw)
+    leaf = z.detach().clone().requires_grad_()
+    eager = bisam_loss_eager(leaf, t, **kw)
+    (eager * (1.0 if weights is None else weights.to(eager))).sum().backward()
+    with ctx:
+        loss, grad = run(z, t, weights, **kw)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    for what, out, theirs, ref in [("loss", loss, eager, ref_loss), ("gradient", grad, leaf.grad, ref_grad)]:
+        ours = (out.double().cpu() - ref).abs().max().item()
+        pytorch = (theirs.detach().double().cpu() - ref).abs().max().item()
+        assert ours <= 2 * pytorch + eps * ref.abs().max().item(), f"{what}: error {ours:.3g} vs PyTorch {pytorch:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct launcher calls: the Triton kernels under the interpreter, every code path
+# ---------------------------------------------------------------------------------------------
+
+needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                   reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_kernels
+@pytest.mark.parametrize("K", [1, 10, 1000, 8192, 8193, 32001])
+@pytest.mark.parametrize("phi", PHIS)
+def test_launcher_forward_with_and_without_gradient(phi, K):
+    """Single-pass (K <= 8192) and two-pass kernels, the fused gradient written into a poisoned buffer."""
+    N = 3 if K > 1000 else 37
+    z, t = make_inputs(N, K, KERNEL_DEVICE)
+    ref_loss, ref_grad = reference(z, t, phi=phi, mu=3.0, alpha=0.2, reduction="mean")
+    g = torch.full_like(z, float("nan"))
+    loss, out = M._triton_forward(z, t, M.PHIS[phi], 3.0, 0.2, IGNORE, M._MEAN, 1.0, g)
+    assert out is g
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(g, ref_grad, 1e-5, "gradient")
+    loss_only, none = M._triton_forward(z, t, M.PHIS[phi], 3.0, 0.2, IGNORE, M._MEAN, 1.0, None)
+    assert none is None
+    torch.testing.assert_close(loss_only, loss, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_kernels
+def test_launcher_configs_are_the_aot_compiled_ones():
+    """Every tile the launcher can pick is in kernel_configs() (compiled ahead of time in test_triton_aot)."""
+    listed = {tuple(sorted(c.items())) for name, c in M.kernel_configs() if name == "_bisam_loss_kernel"}
+    for K in list(range(1, 70)) + [2**i + d for i in range(6, 19) for d in (-1, 0, 1)]:
+        for phi in (M._TANH, M._LOG):
+            assert tuple(sorted(dict(M._forward_config(K), PHI=phi).items())) in listed, K
+    scale = [c for name, c in M.kernel_configs() if name == "_scale_grad_kernel"]
+    for K in [1, 16, 17, 128, 129, 1024, 1025, 10**6]:
+        assert M._scale_config(K) in scale
+
+
+@needs_kernels
+@pytest.mark.parametrize("K", [10, 300, 9000])
+def test_scale_kernel_skips_rows_whose_factor_is_one(K):
+    """The in-place backward: rows with factor 1 are not touched (poison survives), others are scaled."""
+    g = torch.randn(40, K, device=KERNEL_DEVICE)
+    g[::3] = float("nan")  # rows 0, 3, 6, ... get factor 1: must stay NaN, i.e. never written
+    go = torch.randn(40, device=KERNEL_DEVICE)
+    go[::3] = 1.0
+    expected = g * go[:, None]
+    copy = M._triton_scale_grad_(g, go)
+    torch.testing.assert_close(g, expected, equal_nan=True)
+    torch.testing.assert_close(copy, go)
+    before = g.clone()
+    M._triton_scale_grad_(g, torch.tensor(1.0, device=KERNEL_DEVICE))  # loss.backward(): nothing happens
+    torch.testing.assert_close(g, before, equal_nan=True, rtol=0, atol=0)
+    M._triton_scale_grad_(g, torch.tensor(-2.0, device=KERNEL_DEVICE))
+    torch.testing.assert_close(g, -2 * before, equal_nan=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("K", [5, 1000, 20000])
+def test_bad_target_in_kernel_gives_nan_row(K):
+    """On the device a target outside [0, K) that is not ignore_index makes that row's loss and gradient
+    NaN (no host synchronisation to raise); the other rows are unaffected."""
+    z, t = make_inputs(6, K, KERNEL_DEVICE, ignored=0.0)
+    t[1], t[4] = K, -3
+    good = torch.tensor([0, 2, 3, 5])
+    ref_loss, ref_grad = reference(z[good], t[good], phi="log", reduction="none")
+    g = torch.full_like(z, 0.5)
+    loss, _ = M._triton_forward(z, t, M._LOG, 1.0, 0.1, IGNORE, M._NONE, 1.0, g)
+    assert torch.isnan(loss[[1, 4]]).all() and torch.isnan(g[[1, 4]]).all()
+    assert_close(loss[good], ref_loss, 1e-5, "loss")
+    assert_close(g[good], ref_grad, 1e-5, "gradient")
+    mean, _ = M._triton_forward(z, t, M._LOG, 1.0, 0.1, IGNORE, M._MEAN, 1.0, None)
+    assert torch.isnan(mean)
+
+
+@needs_kernels
+def test_row_grad_kernel_matches_reference():
+    """The backward of reduction="none": the kernel re-reads the logits with one scale per row."""
+    z, t = make_inputs(50, 777, KERNEL_DEVICE)
+    w = torch.randn(50, dtype=torch.float64)
+    _, ref_grad = reference(z, t, w, phi="tanh", mu=4.0, alpha=0.5, reduction="none", scale_by_mu=True)
+    g = M._triton_row_grad(z, t, w.float().to(KERNEL_DEVICE), M._TANH, 4.0, 0.5, IGNORE, 0.25)
+    assert_close(g, ref_grad, 1e-5, "gradient")
+
+
+# ---------------------------------------------------------------------------------------------
+# API behaviour
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_rows_ignored_and_empty_batch(backend, reduction):
+    """As F.cross_entropy: the mean over no rows is NaN (gradient 0); sum is 0; none gives zeros."""
+    device, ctx = backend
+    with ctx:
+        for N in (0, 5):
+            z = torch.randn(N, 7, device=device, requires_grad=True)
+            t = torch.full((N,), IGNORE, device=device)
+            loss = bk.bisam_loss(z, t, reduction=reduction)
+            loss.sum().backward()
+            if reduction == "mean":
+                assert torch.isnan(loss)
+            else:
+                assert (loss == 0).all() and loss.shape == ((N,) if reduction == "none" else ())
+            assert (z.grad == 0).all()
+    if reduction == "mean":  # the same convention as PyTorch's cross-entropy
+        assert torch.isnan(torch.nn.functional.cross_entropy(torch.randn(3, 4), torch.full((3,), IGNORE)))
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "column_slice", "transposed", "3d"])
+def test_non_contiguous_and_nd_logits(backend, layout):
+    device, ctx = backend
+    base = torch.randn(30, 2 * 50, device=device, dtype=torch.float64).float()
+    if layout == "row_slice":
+        z = base[::2, :50]  # row stride 200
+    elif layout == "column_slice":
+        z = base[:15, ::2]  # column stride 2
+    elif layout == "transposed":
+        z = base[:, :15].t()  # (15, 30), column stride 100
+    else:
+        z = base.reshape(3, 10, 100)[:, ::2, :]  # (3, 5, 100): classes last, rows strided
+    t = torch.randint(0, z.shape[-1], z.shape[:-1], device=device)
+    loss, grad = check(z, t, ctx, torch.randn(t.shape, dtype=torch.float64), phi="tanh", mu=3.0, reduction="none")
+    assert loss.shape == t.shape and grad.shape == z.shape
+
+
+def test_int32_targets_and_scale_by_mu(backend):
+    device, ctx = backend
+    z, t = make_inputs(64, 33, device, target_dtype=torch.int32)
+    scaled, _ = check(z, t, ctx, phi="log", mu=7.0, scale_by_mu=True)
+    unscaled, _ = check(z, t, ctx, phi="log", mu=7.0)
+    assert_close(unscaled, 7.0 * scaled.double(), 1e-5, "1/mu")
+
+
+def test_module_matches_function(backend):
+    device, ctx = backend
+    z, t = make_inputs(20, 9, device)
+    crit = bk.BiSAMLoss(phi="tanh", mu=10.0, alpha=0.1, reduction="sum")
+    assert "phi='tanh'" in repr(crit) and "mu=10.0" in repr(crit)
+    with ctx:
+        assert crit(z, t).item() == bk.bisam_loss(z, t, "tanh", 10.0, 0.1, "sum").item()
+
+
+def test_default_matches_released_code(backend):
+    """With the defaults (no 1/mu, mean, no ignored rows) the loss and its gradient are the released code's."""
+    device, ctx = backend
+    z, t = make_inputs(16, 10, device, ignored=0.0)
+    for phi, mu in (("tanh", 10.0), ("log", 1.0)):
+        leaf = z.clone().requires_grad_()
+        released = bisam_loss_released(leaf, t, phi=phi, mu=mu)
+        released.backward()
+        with ctx:
+            loss, grad = run(z, t, phi=phi, mu=mu)
+        torch.testing.assert_close(loss, released.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_released_reference_shifts_a_clone(backend):
+    device, _ = backend
+    z, t = make_inputs(4, 6, device, ignored=0.0)
+    before = z.clone()
+    bisam_loss_released(z, t)
+    assert torch.equal(z, before)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_forward_only_builds_no_graph(backend, reduction):
+    device, ctx = backend
+    z, t = make_inputs(12, 40, device)
+    ref_loss, _ = reference(z, t, reduction=reduction)
+    with ctx:
+        with torch.no_grad():
+            a = bk.bisam_loss(z.clone().requires_grad_(), t, reduction=reduction)
+        b = bk.bisam_loss(z, t, reduction=reduction)  # logits without requires_grad
+    assert a.grad_fn is None and b.grad_fn is None
+    assert_close(a, ref_loss, 1e-5, "loss (no_grad)")
+    assert_close(b, ref_loss, 1e-5, "loss (no requires_grad)")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_output_not_one_and_repeated_backward(backend, reduction):
+    """loss * c scales the stored gradient in place; a second backward through the same graph (with
+    another factor) returns a new, correctly scaled tensor and leaves the first result alone."""
+    device, ctx = backend
+    z, t = make_inputs(25, 300, device)
+    _, ref = reference(z, t, reduction=reduction)
+    with ctx:
+        leaf = z.clone().requires_grad_()
+        loss = bk.bisam_loss(leaf, t, reduction=reduction)
+        (g2,) = torch.autograd.grad(loss * 2.0, leaf, retain_graph=True)
+        (g3,) = torch.autograd.grad(loss * -3.0, leaf, retain_graph=True)
+        (g2b,) = torch.autograd.grad(loss * 2.0, leaf, retain_graph=True)
+        (g0,) = torch.autograd.grad(loss * 0.0, leaf)
+    assert g3.data_ptr() != g2.data_ptr()
+    assert_close(g2, 2 * ref, 1e-5, "first backward")
+    assert_close(g3, -3 * ref, 1e-5, "second backward")
+    assert_close(g2b, 2 * ref, 1e-5, "third backward")
+    assert (g0 == 0).all()
+
+
+def test_repeated_backward_after_zero_factor_is_nan_not_wrong(backend):
+    """Documented limit: after a first backward with factor 0 the stored gradient is gone; a second
+    backward with another factor gives NaN, not a silent 0."""
+    device, ctx = backend
+    z, t = make_inputs(5, 8, device, ignored=0.0)
+    with ctx:
+        leaf = z.clone().requires_grad_()
+        loss = bk.bisam_loss(leaf, t)
+        torch.autograd.grad(loss * 0.0, leaf, retain_graph=True)
+        (g,) = torch.autograd.grad(loss * 2.0, leaf)
+    assert torch.isnan(g).all()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inplace_backward_writes_gradient_into_logits(backend, reduction):
+    device, ctx = backend
+    x, t = make_inputs(31, 200, device)
+    weights = torch.randn(31, dtype=torch.float64) if reduction == "none" else None
+    _, ref = reference(2.0 * x, t, weights, reduction=reduction, phi="tanh", mu=3.0)
+    with ctx:
+        leaf = x.clone().requires_grad_()
+        logits = leaf * 2.0  # MulBackward with a Python scalar saves nothing of its output
+        loss = bk.bisam_loss(logits, t, reduction=reduction, phi="tanh", mu=3.0, inplace_backward=True)
+        w = torch.ones_like(loss) if weights is None else weights.to(loss)
+        (loss * w).sum().backward()
+    assert_close(leaf.grad, 2.0 * ref, 1e-5, "gradient")
+    # The logits' buffer now holds dl/dlogits (scaled in place by the row weights for "none").
+    assert_close(logits.detach(), ref, 1e-5, "logits buffer")
+
+
+def test_inplace_backward_refuses_logits_another_node_saved(backend):
+    """The logits are overwritten: a node that saved them must fail loudly, not use clobbered values."""
+    device, ctx = backend
+    x, t = make_inputs(4, 6, device)
+    leaf = x.clone().requires_grad_()
+    logits = leaf.exp()  # exp's backward reads its output
+    with ctx:
+        loss = bk.bisam_loss(logits, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: opcheck, torch.compile, gradcheck
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(backend, reduction):
+    device, ctx = backend
+    z, t = make_inputs(9, 13, device)
+    z.requires_grad_()
+    with ctx:
+        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._LOG, 2.0, 0.1, IGNORE, reduction, 1.0, True))
+        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._TANH, 2.0, 0.1, IGNORE, reduction, 0.5, False))
+        torch.library.opcheck(torch.ops.bisam.bisam_loss_row_grad,
+                              (z.detach(), t, torch.randn(9, device=device), M._TANH, 2.0, 0.1, IGNORE, 1.0))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_op_autograd_matches_reference(backend, reduction):
+    """The torch.library operator (what torch.compile traces) with its registered autograd, in eager."""
+    device, ctx = backend
+    z, t = make_inputs(17, 50, device)
+    ref_loss, ref_grad = reference(z, t, reduction=reduction, phi="tanh", mu=2.0)
+    leaf = z.clone().requires_grad_()
+    with ctx:
+        loss, _ = torch.ops.bisam.bisam_loss_forward(leaf, t, M._TANH, 2.0, 0.1, IGNORE, M.REDUCTIONS[reduction],
+                                                     1.0, True)
+        loss.sum().backward()
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(leaf.grad, ref_grad, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_compile_fullgraph(backend, reduction):
+    device, ctx = backend
+    z, t = make_inputs(11, 37, device)
+    weights = torch.randn(11, dtype=torch.float64) if reduction == "none" else None
+    ref_loss, ref_grad = reference(z, t, weights, reduction=reduction, phi="log", mu=3.0)
+    w = (torch.ones(()) if weights is None else weights.float()).to(device)
+
+    def f(logits, targets, w):
+        return (bk.bisam_loss(logits, targets, phi="log", mu=3.0, reduction=reduction) * w).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    leaf = z.clone().requires_grad_()
+    with ctx:
+        compiled(leaf, t, w).backward()
+    assert_close(leaf.grad, ref_grad, 1e-5, "gradient")
+    with ctx:
+        loss = torch.compile(lambda a, b: bk.bisam_loss(a, b, phi="log", mu=3.0, reduction=reduction),
+                             fullgraph=True)(z, t)
+    assert_close(loss, ref_loss, 1e-5, "loss")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("phi", PHIS)
+def test_gradcheck_float64(phi, reduction):
+    z = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (6,))
+    t[2] = IGNORE
+    for inplace in ([False] if reduction == "none" else [False, True]):
+        assert torch.autograd.gradcheck(
+            lambda x: bk.bisam_loss(x * 1.0, t, phi, 3.0, 0.4, reduction, inplace_backward=inplace), (z,))
+    assert torch.autograd.gradcheck(
+        lambda x: torch.ops.bisam.bisam_loss_forward(x, t, M.PHIS[phi], 3.0, 0.4, IGNORE, M.REDUCTIONS[reduction],
+                                                     0.5, True)[0], (z,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(logits=torch.randn(5)), ValueError, "logits"),
+        (dict(logits=torch.randn(5, 0), targets=torch.zeros(5, dtype=torch.long)), ValueError, "logits"),
+        (dict(logits=torch.randint(0, 3, (5, 3))), TypeError, "logits"),
+        (dict(logits=[[0.0, 1.0]]), TypeError, "logits"),
+        (dict(targets=torch.zeros(5)), TypeError, "targets"),
+        (dict(targets=torch.zeros(5, dtype=torch.uint8)), TypeError, "targets"),
+        (dict(targets=torch.zeros(4, dtype=torch.long)), ValueError, "targets"),
+        (dict(targets=torch.zeros(5, 1, dtype=torch.long)), ValueError, "targets"),
+        (dict(phi="sigmoid"), ValueError, "phi"),
+        (dict(reduction="max"), ValueError, "reduction"),
+        (dict(mu=0.0), ValueError, "mu"),
+        (dict(mu=-1.0), ValueError, "mu"),
+        (dict(mu=float("nan")), ValueError, "mu"),
+        (dict(mu=float("inf")), ValueError, "mu"),
+        (dict(mu=True), TypeError, "mu"),
+        (dict(alpha=float("inf")), ValueError, "alpha"),
+        (dict(alpha=float("nan")), ValueError, "alpha"),
+        (dict(alpha=0.0), ValueError, "alpha"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    ],
+)
+def test_bad_input(backend, kwargs, error, match):
+    device, ctx = backend
+    args = dict(logits=torch.randn(5, 3), targets=torch.tensor([0, 1, 2, IGNORE, 1]))
+    args.update(kwargs)
+    for key in ("logits", "targets"):
+        if isinstance(args[key], torch.Tensor):
+            args[key] = args[key].to(device)
+    with ctx, pytest.raises(error, match=match):
+        bk.bisam_loss(**args)
+
+
+@pytest.mark.parametrize("bad", [3, -1, 1000])
+def test_out_of_range_target_raises_on_cpu(bad):
+    """The composite CPU path checks target values (free on the host); the kernels give NaN instead."""
+    t = torch.tensor([0, 1, bad, IGNORE, 1])
+    with M.triton_on_cpu(False), pytest.raises(ValueError, match=rf"targets .*\[0, 3\).*got {bad}"):
+        bk.bisam_loss(torch.randn(5, 3), t)
+
+
+def test_triton_route_really_runs_the_kernels(backend, monkeypatch):
+    """The "triton" backend of these tests calls the Triton launcher (not silently the composite path)."""
+    device, ctx = backend
+    calls = []
+    launch = M._launch_main
+    monkeypatch.setattr(M, "_launch_main", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    z, t = make_inputs(4, 5, device)
+    with ctx:
+        run(z, t)
+        run(z, t, reduction="none")
+    assert len(calls) == (0 if device == "cpu" and not ctx.triton else 3)
+
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="phi"):
+        bk.BiSAMLoss(phi="exp")
+    with pytest.raises(ValueError, match="reduction"):
+        bk.BiSAMLoss(reduction="avg")
+    with pytest.raises(ValueError, match="mu"):
+        bk.BiSAMLoss(mu=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        bk.BiSAMLoss(alpha=float("nan"))
+
+
+def test_k_equals_one_is_zero(backend):
+    """One class: every margin is 0, the loss is 0 and so is its gradient."""
+    device, ctx = backend
+    z = torch.randn(9, 1, device=device) * 100
+    t = torch.zeros(9, dtype=torch.long, device=device)
+    with ctx:
+        for phi in PHIS:
+            loss, grad = run(z, t, phi=phi, mu=50.0, reduction="none")
+            assert (loss == 0).all() and (grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: the same path on the device, no host synchronisation, 64-bit offsets
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("K", [10, 32001])
+def test_cuda_no_host_sync(dtype, reduction, inplace, K):
+    z, t = make_inputs(64, K, "cuda", dtype=dtype)
+    t[3] = K + 5  # a bad target: NaN row, still no synchronisation
+    leaf = z.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = leaf * 1.0
+        loss = bk.bisam_loss(logits, t, reduction=reduction, inplace_backward=inplace)
+        (loss.sum() * 3.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rows = [i for i in range(64) if i != 3]
+    assert torch.isnan(leaf.grad[3]).all() and torch.isfinite(leaf.grad[rows]).all()
+
+
+@requires_cuda
+def test_cuda_offsets_beyond_int32():
+    """N * K > 2**31 elements: row offsets are 64-bit."""
+    K = 131072
+    N = (2**31) // K + 3
+    z = torch.empty(N, K, dtype=torch.bfloat16, device="cuda").normal_()
+    t = torch.randint(0, K, (N,), device="cuda")
+    rows = [0, N // 2, N - 1]
+    ref_loss, ref_grad = reference(z[rows].float(), t[rows].cpu(), reduction="none")
+    g = torch.empty_like(z)
+    loss, _ = M._triton_forward(z, t, M._LOG, 1.0, 0.1, IGNORE, M._NONE, 1.0, g)
+    assert_close(loss[rows].float(), ref_loss, 1e-2, "loss", floor=1e-2)
+    assert_close(g[rows].float(), ref_grad, 1e-2, "gradient", floor=1e-2)
+
+
+def test_float64_logits_use_the_composite_path(backend):
+    """float64 is not a Triton dtype: it runs the composite path (on CUDA too), with float64 accuracy."""
+    device, ctx = backend
+    z, t = make_inputs(10, 20, device, dtype=torch.float64, ignored=0.0)
+    loss, _ = check(z, t, ctx, rtol=1e-12, floor=1e-14, phi="tanh", mu=5.0)
+    assert not math.isnan(loss.item())
