@@ -135,6 +135,11 @@ def test_extreme_logits_and_mu(backend, phi, mu, scale):
     z[1, 5] = 1e4  # one huge wrong logit
     z[2] = -1e4
     z[2, int(t[2].clamp(min=0))] = 1e4  # a very confident correct row: loss ~ 0
+    y3 = int(t[3].clamp(min=0))  # near ties among large logits: the margins must keep their digits
+    z[3] = -1e4
+    z[3, y3] = 12345.678
+    z[3, (y3 + 1) % 130] = 12345.678 + 0.75
+    z[3, (y3 + 2) % 130] = 12345.678 - 0.5
     weights = torch.rand(33, dtype=torch.float64) + 0.5
     # s = mu * phi is rounded to float32 before the log-sum-exp: an error of ~mu * 2^-24 per term.
     loss, grad = check(z, t, ctx, weights, floor=1e-7 * max(1.0, mu), phi=phi, mu=mu, alpha=0.1, reduction="none")
@@ -242,13 +247,20 @@ def test_bad_target_in_kernel_gives_nan_row(K):
 
 
 @needs_kernels
-def test_row_grad_kernel_matches_reference():
-    """The backward of reduction="none": the kernel re-reads the logits with one scale per row."""
-    z, t = make_inputs(50, 777, KERNEL_DEVICE)
-    w = torch.randn(50, dtype=torch.float64)
-    _, ref_grad = reference(z, t, w, phi="tanh", mu=4.0, alpha=0.5, reduction="none", scale_by_mu=True)
-    g = M._triton_row_grad(z, t, w.float().to(KERNEL_DEVICE), M._TANH, 4.0, 0.5, IGNORE, 0.25)
-    assert_close(g, ref_grad, 1e-5, "gradient")
+@pytest.mark.parametrize("K", [777, 9000])
+def test_row_grad_kernel_matches_reference(K):
+    """The backward of reduction="none": the kernel re-reads the logits with one scale per row, from the
+    row statistics the forward wrote (wide rows then skip their first pass) or without them."""
+    z, t = make_inputs(5, K, KERNEL_DEVICE)
+    w = torch.randn(5, dtype=torch.float64)
+    kw = dict(phi="tanh", mu=4.0, alpha=0.5, reduction="none", scale_by_mu=True)
+    ref_loss, ref_grad = reference(z, t, w, **kw)
+    stats = torch.full((2, 5), float("nan"), device=KERNEL_DEVICE)
+    loss, _ = M._triton_forward(z, t, M._TANH, 4.0, 0.5, IGNORE, M._NONE, 0.25, None, stats)
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    for s in (stats, None):
+        g = M._triton_row_grad(z, t, w.float().to(KERNEL_DEVICE), s, M._TANH, 4.0, 0.5, IGNORE, 0.25)
+        assert_close(g, ref_grad, 1e-5, "gradient")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +302,38 @@ def test_non_contiguous_and_nd_logits(backend, layout):
     t = torch.randint(0, z.shape[-1], z.shape[:-1], device=device)
     loss, grad = check(z, t, ctx, torch.randn(t.shape, dtype=torch.float64), phi="tanh", mu=3.0, reduction="none")
     assert loss.shape == t.shape and grad.shape == z.shape
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_strided_targets_and_self_overlapping_logits(backend, inplace):
+    """Targets that are a strided view; logits whose rows share memory (expanded): no in-place write
+    into them even with inplace_backward, the gradient is still right."""
+    device, ctx = backend
+    row = torch.randn(1, 40, device=device)
+    t = torch.randint(0, 40, (24,), device=device)[::2]
+    assert not t.is_contiguous()
+    ref_loss, ref_grad = reference(row.expand(12, 40), t, phi="log", mu=2.0)
+    leaf = row.clone().requires_grad_()
+    with ctx:
+        loss = bk.bisam_loss(leaf.expand(12, 40), t, phi="log", mu=2.0, inplace_backward=inplace)
+        loss.backward()
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(leaf.grad, ref_grad.sum(0, keepdim=True), 1e-5, "gradient")
+
+
+def test_inplace_none_with_sum_backward_twice(backend):
+    """reduction="none", inplace: loss.sum().backward() hands an expanded (stride 0) grad_output to the
+    in-place per-row scaling; a second backward through the graph still gets the right gradient."""
+    device, ctx = backend
+    x, t = make_inputs(9, 50, device)
+    _, ref = reference(x, t, reduction="none")
+    with ctx:
+        leaf = x.clone().requires_grad_()
+        loss = bk.bisam_loss(leaf * 1.0, t, reduction="none", inplace_backward=True)
+        (g1,) = torch.autograd.grad(loss.sum(), leaf, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss.sum() * 3.0, leaf)
+    assert_close(g1, ref, 1e-5, "first backward")
+    assert_close(g2, 3 * ref, 1e-5, "second backward")
 
 
 def test_int32_targets_and_scale_by_mu(backend):
@@ -421,8 +465,10 @@ def test_opcheck(backend, reduction):
     with ctx:
         torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._LOG, 2.0, 0.1, IGNORE, reduction, 1.0, True))
         torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._TANH, 2.0, 0.1, IGNORE, reduction, 0.5, False))
-        torch.library.opcheck(torch.ops.bisam.bisam_loss_row_grad,
-                              (z.detach(), t, torch.randn(9, device=device), M._TANH, 2.0, 0.1, IGNORE, 1.0))
+        stats = torch.ops.bisam.bisam_loss_forward(z, t, M._TANH, 2.0, 0.1, IGNORE, M._NONE, 1.0, True)[1]
+        for s in (stats, stats.new_empty((0,))):
+            torch.library.opcheck(torch.ops.bisam.bisam_loss_row_grad,
+                                  (z.detach(), t, torch.randn(9, device=device), s, M._TANH, 2.0, 0.1, IGNORE, 1.0))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -442,6 +488,12 @@ def test_op_autograd_matches_reference(backend, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_torch_compile_fullgraph(backend, reduction):
+    # Compile the current code: the on-disk caches do not notice a change of the operator's implementation.
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        _compile_and_check(backend, reduction)
+
+
+def _compile_and_check(backend, reduction):
     device, ctx = backend
     z, t = make_inputs(11, 37, device)
     weights = torch.randn(11, dtype=torch.float64) if reduction == "none" else None

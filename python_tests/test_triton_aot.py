@@ -72,10 +72,10 @@ def compile_all(workers: int | None = None) -> list[dict]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| kernel configuration | registers / thread | spills (local bytes / thread) | static shared (bytes) |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = ["| kernel configuration | registers / thread | spill stack (bytes) | local (bytes) | static shared (bytes) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| `{r['label']}` | {r['regs']} | {r['local']} | {r['shared']} |")
+        lines.append(f"| `{r['label']}` | {r['regs']} | {r['stack']} | {r['local']} | {r['shared']} |")
     return "\n".join(lines)
 
 

@@ -87,7 +87,8 @@ if triton is not None:
 
     # Flags and the ignore index are not specialised on (the JIT would otherwise compile a variant for
     # each value equal to 1), so the variants are the ones kernel_configs() lists, times dtypes.
-    @triton.jit(do_not_specialize=["scale_stride", "ignore_index", "scale_mode", "write_loss", "write_grad"])
+    @triton.jit(do_not_specialize=["scale_stride", "ignore_index", "scale_mode", "stats_mode", "write_loss",
+                                   "write_grad"])
     def _bisam_loss_kernel(
         z_ptr,
         z_stride,
@@ -97,6 +98,7 @@ if triton is not None:
         loss_ptr,
         scale_ptr,
         scale_stride,
+        stats_ptr,
         N,
         K,
         mu,
@@ -104,6 +106,7 @@ if triton is not None:
         out_scale,
         ignore_index,
         scale_mode,
+        stats_mode,
         write_loss,
         write_grad,
         PHI: tl.constexpr,
@@ -115,8 +118,11 @@ if triton is not None:
 
         Gradient scale per row: out_scale * (1, 1 / scale[0] (a count), or scale[row]) for scale_mode 0, 1, 2.
         SINGLE: the row fits in one BLOCK_K block (one read); otherwise an online max / sum pass over
-        BLOCK_K chunks, then a second pass that writes the gradient. Ignored rows: loss 0, gradient 0,
-        logits never read. A target outside [0, K) that is not ignore_index: loss and gradient NaN.
+        BLOCK_K chunks, then a second pass that writes the gradient. Row statistics (lse = logsumexp s,
+        ws = sum_{j != y} p_j phi'(F_j)) at stats[row], stats[N + row]: stats_mode 1 writes them, 2 reads
+        them instead of the first pass (two-pass kernel; SINGLE re-reads its row anyway).
+        Ignored rows: loss 0, gradient 0, logits never read. A target outside [0, K) that is not
+        ignore_index: loss and gradient NaN.
         """
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -144,40 +150,50 @@ if triton is not None:
             e = tl.exp(s - m[:, None])
             is_y = cols[None, :] == tgt[:, None]
             c = tl.where(is_y, 0.0, e * dphi)
-            S = tl.sum(e, axis=1)
-            W = tl.sum(c, axis=1)
+            S = tl.where(live, tl.sum(e, axis=1), 1.0)
+            lse = m + tl.log(S)
+            ws = tl.sum(c, axis=1) / S
         else:
-            # s_y = 0 is in every live row, so starting the running max at 0 gives the true max.
-            m = tl.zeros([ROWS], dtype=tl.float32)
-            S = tl.zeros([ROWS], dtype=tl.float32)
-            W = tl.zeros([ROWS], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kc = k0 + cols
-                mask = live[:, None] & (kc[None, :] < K)
-                z = tl.load(z_rows[:, None] + kc[None, :], mask=mask, other=0.0).to(tl.float32)
-                phi, dphi = _phi_dphi(z - zy[:, None], alpha, PHI)
-                s = tl.where(mask, mu * phi, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                rescale = tl.exp(m - m_new)
-                e = tl.exp(s - m_new[:, None])
-                c = tl.where(kc[None, :] == tgt[:, None], 0.0, e * dphi)
-                S = S * rescale + tl.sum(e, axis=1)
-                W = W * rescale + tl.sum(c, axis=1)
-                m = m_new
-        S = tl.where(live, S, 1.0)
-        loss = (m + tl.log(S)) * out_scale
+            if stats_mode == 2:
+                lse = tl.load(stats_ptr + rows, mask=live, other=0.0)
+                ws = tl.load(stats_ptr + N + rows, mask=live, other=0.0)
+            else:
+                # s_y = 0 is in every live row, so starting the running max at 0 gives the true max.
+                m = tl.zeros([ROWS], dtype=tl.float32)
+                S = tl.zeros([ROWS], dtype=tl.float32)
+                W = tl.zeros([ROWS], dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    kc = k0 + cols
+                    mask = live[:, None] & (kc[None, :] < K)
+                    z = tl.load(z_rows[:, None] + kc[None, :], mask=mask, other=0.0).to(tl.float32)
+                    phi, dphi = _phi_dphi(z - zy[:, None], alpha, PHI)
+                    s = tl.where(mask, mu * phi, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(s, axis=1))
+                    rescale = tl.exp(m - m_new)
+                    e = tl.exp(s - m_new[:, None])
+                    c = tl.where(kc[None, :] == tgt[:, None], 0.0, e * dphi)
+                    S = S * rescale + tl.sum(e, axis=1)
+                    W = W * rescale + tl.sum(c, axis=1)
+                    m = m_new
+                S = tl.where(live, S, 1.0)
+                lse = m + tl.log(S)
+                ws = W / S
+        if stats_mode == 1:
+            tl.store(stats_ptr + rows, lse, mask=row_ok)
+            tl.store(stats_ptr + N + rows, ws, mask=row_ok)
+        loss = lse * out_scale
         loss = tl.where(ignored, 0.0, loss)
         loss = tl.where(bad, float("nan"), loss)
         tl.store(loss_ptr + rows, loss, mask=row_ok & (write_loss != 0))
 
-        # dl/dz_k = coef * e_k * phi'(F_k) (k != y), dl/dz_y = -coef * sum_{j != y} e_j phi'(F_j).
-        coef = (mu * out_scale) * gs / S
+        # dl/dz_k = coef * p_k * phi'(F_k) (k != y), dl/dz_y = -coef * sum_{j != y} p_j phi'(F_j) = -coef * ws.
+        coef = (mu * out_scale) * gs
         coef = tl.where(ignored, 0.0, coef)
         coef = tl.where(bad, float("nan"), coef)
-        gy = -W * coef
+        gy = -ws * coef
         g_rows = g_ptr + rows64 * g_stride
         if SINGLE:
-            g = tl.where(is_y, gy[:, None], c * coef[:, None])
+            g = tl.where(is_y, gy[:, None], c * (coef / S)[:, None])
             g = tl.where(live[:, None], g, coef[:, None])  # 0 (ignored) or NaN (bad target)
             store = row_ok[:, None] & (cols[None, :] < K) & (write_grad != 0)
             tl.store(g_rows[:, None] + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=store)
@@ -190,7 +206,7 @@ if triton is not None:
                     z = tl.load(z_rows[:, None] + kc[None, :], mask=mask, other=0.0).to(tl.float32)
                     phi, dphi = _phi_dphi(z - zy[:, None], alpha, PHI)
                     s = tl.where(mask, mu * phi, float("-inf"))
-                    g = tl.exp(s - m[:, None]) * dphi * coef[:, None]
+                    g = tl.exp(s - lse[:, None]) * dphi * coef[:, None]
                     g = tl.where(kc[None, :] == tgt[:, None], gy[:, None], g)
                     g = tl.where(live[:, None], g, coef[:, None])
                     store = row_ok[:, None] & in_k
@@ -268,7 +284,7 @@ def _forward_config(K: int) -> dict:
     if K <= _SINGLE_PASS_MAX_K:
         block_k = max(16, _next_pow2(K))
         return {"ROWS": max(1, _TILE // block_k), "BLOCK_K": block_k, "SINGLE": True,
-                "num_warps": {8192: 16, 4096: 8}.get(block_k, 4)}
+                "num_warps": 16 if block_k >= 4096 else 8}  # 8 (16 for 8192) elements per thread
     return {"ROWS": 1, "BLOCK_K": _CHUNK, "SINGLE": False, "num_warps": 16}
 
 
@@ -299,10 +315,10 @@ def _arg_types(kernel: str, d: str, t: str) -> tuple[dict, list[str]]:
     """(Triton types of the runtime arguments, the ones 16-byte aligned in the aligned variant)."""
     if kernel == "_bisam_loss_kernel":
         types = {"z_ptr": f"*{d}", "z_stride": "i32", "t_ptr": f"*{t}", "g_ptr": f"*{d}", "g_stride": "i32",
-                 "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "N": "i32", "K": "i32",
-                 "mu": "fp32", "alpha": "fp32", "out_scale": "fp32", "ignore_index": "i32", "scale_mode": "i32",
-                 "write_loss": "i32", "write_grad": "i32"}
-        return types, ["z_ptr", "t_ptr", "g_ptr", "loss_ptr", "scale_ptr", "z_stride", "g_stride", "K"]
+                 "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "stats_ptr": "*fp32", "N": "i32",
+                 "K": "i32", "mu": "fp32", "alpha": "fp32", "out_scale": "fp32", "ignore_index": "i32",
+                 "scale_mode": "i32", "stats_mode": "i32", "write_loss": "i32", "write_grad": "i32"}
+        return types, ["z_ptr", "t_ptr", "g_ptr", "loss_ptr", "scale_ptr", "stats_ptr", "z_stride", "g_stride", "K"]
     if kernel == "_count_kernel":
         return {"t_ptr": f"*{t}", "count_ptr": "*fp32", "N": "i32", "ignore_index": "i32"}, ["t_ptr", "count_ptr"]
     if kernel == "_reduce_kernel":
@@ -347,8 +363,8 @@ def aot_specializations() -> list[dict]:
     return specs
 
 
-def _launch_main(z, t, g, loss_rows, scale, scale_stride, scale_mode, phi, mu, alpha, out_scale, ignore_index,
-                 write_loss, write_grad):
+def _launch_main(z, t, g, loss_rows, scale, scale_stride, scale_mode, stats, stats_mode, phi, mu, alpha, out_scale,
+                 ignore_index, write_loss, write_grad):
     N, K = z.shape
     if N == 0:
         return
@@ -356,9 +372,9 @@ def _launch_main(z, t, g, loss_rows, scale, scale_stride, scale_mode, phi, mu, a
     num_warps = cfg.pop("num_warps")
     grid = (triton.cdiv(N, cfg["ROWS"]),)
     _bisam_loss_kernel[grid](
-        z, z.stride(0), t, g, g.stride(0), loss_rows, scale, scale_stride,
-        N, K, float(mu), float(alpha), float(out_scale), int(ignore_index), scale_mode, int(write_loss),
-        int(write_grad), PHI=phi, num_warps=num_warps, **cfg)
+        z, z.stride(0), t, g, g.stride(0), loss_rows, scale, scale_stride, stats, N, K, float(mu), float(alpha),
+        float(out_scale), int(ignore_index), scale_mode, stats_mode, int(write_loss), int(write_grad), PHI=phi,
+        num_warps=num_warps, **cfg)
 
 
 def _triton_count(t: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -375,22 +391,23 @@ def _triton_reduce(loss_rows: torch.Tensor, count: torch.Tensor | None, dtype: t
     return out
 
 
-def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, grad_out=None):
+def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, grad_out=None, stats_out=None):
     """Forward through the Triton kernels: (loss in z.dtype, gradient or None).
 
-    z: (N, K) with unit column stride; t: (N,) int32/int64. When ``grad_out`` ((N, K), unit column
-    stride, z's dtype; may be z itself) is given, the gradient of the reduced loss (of each row's loss
-    for reduction="none") is written into it, fused with the forward. Runs on CPU tensors under
-    TRITON_INTERPRET=1.
+    z: (N, K) with unit column stride; t: (N,) int32/int64, contiguous. When ``grad_out`` ((N, K), unit
+    column stride, z's dtype; may be z itself) is given, the gradient of the reduced loss (of each
+    row's loss for reduction="none") is written into it, fused with the forward. ``stats_out``, a
+    (2, N) float32 tensor, receives the row statistics the backward of reduction="none" uses. Runs on
+    CPU tensors under TRITON_INTERPRET=1.
     """
     N, _ = z.shape
     loss_rows = _empty((N,), torch.float32, z.device)
     write_grad = grad_out is not None
     count = _triton_count(t, ignore_index) if reduction == _MEAN else None
     _launch_main(z, t, grad_out if write_grad else z, loss_rows,
-                 count if count is not None else loss_rows, 0,
-                 _SCALE_INV_COUNT if count is not None else _SCALE_ONE, phi, mu, alpha, out_scale, ignore_index,
-                 write_loss=True, write_grad=write_grad)
+                 count if count is not None else loss_rows, 0, _SCALE_INV_COUNT if count is not None else _SCALE_ONE,
+                 stats_out if stats_out is not None else loss_rows, int(stats_out is not None),
+                 phi, mu, alpha, out_scale, ignore_index, write_loss=True, write_grad=write_grad)
     if reduction == _NONE:
         loss = loss_rows.to(z.dtype)
     else:
@@ -398,13 +415,14 @@ def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, gr
     return loss, grad_out
 
 
-def _triton_row_grad(z, t, grad_rows, phi, mu, alpha, ignore_index, out_scale):
-    """Gradient of sum_i grad_rows[i] * l_i (the backward of reduction="none"): a new (N, K) tensor."""
+def _triton_row_grad(z, t, grad_rows, stats, phi, mu, alpha, ignore_index, out_scale):
+    """Gradient of sum_i grad_rows[i] * l_i (the backward of reduction="none"): a new (N, K) tensor.
+    stats: the (2, N) row statistics of the forward (they spare wide rows their first pass)."""
     N, K = z.shape
     g = _empty((N, K), z.dtype, z.device)
     go = grad_rows.to(torch.float32).contiguous()
-    _launch_main(z, t, g, go, go, 1, _SCALE_PER_ROW, phi, mu, alpha, out_scale, ignore_index,
-                 write_loss=False, write_grad=True)
+    _launch_main(z, t, g, go, go, 1, _SCALE_PER_ROW, go if stats is None else stats.to(torch.float32),
+                 0 if stats is None else 2, phi, mu, alpha, out_scale, ignore_index, write_loss=False, write_grad=True)
     return g
 
 
@@ -417,9 +435,9 @@ def _triton_scale_grad_(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     cfg = dict(_scale_config(K))
     num_warps = cfg.pop("num_warps")
     per_row = go.dim() > 0
-    go_1d = go.reshape(-1) if per_row else go.reshape(1)
+    go_1d = go.reshape(-1).contiguous() if per_row else go.reshape(1)  # (the copy is written with its stride)
     _scale_grad_kernel[(triton.cdiv(N, cfg["ROWS"]),)](
-        g, g.stride(0), go_1d, go_1d.stride(0) if per_row else 0, copy, N, K, num_warps=num_warps, **cfg)
+        g, g.stride(0), go_1d, 1 if per_row else 0, copy, N, K, num_warps=num_warps, **cfg)
     return copy
 
 
@@ -432,11 +450,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, want_grad, check, mean=False):
-    """(per-row loss, gradient of sum_i row_scale_i * l_i or None, count), in the compute dtype.
+def _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, want_grad, check, mean=False,
+                    want_stats=False):
+    """(per-row loss, gradient of sum_i row_scale_i * l_i or None, count, row statistics or None), in the
+    compute dtype.
 
     row_scale: a float or an (N,) tensor; with mean, also divided by count, the number of non-ignored
-    rows (else count is None). check (CPU only: it reads values on the host): raise ValueError for a
+    rows (else count is None). Row statistics: (2, N), lse and sum_{j != y} p_j phi'(F_j), as the kernel's. check (CPU only: it reads values on the host): raise ValueError for a
     target outside [0, K) that is not ignore_index; without it such a row gets a NaN loss and gradient,
     as in the Triton kernel.
     """
@@ -472,7 +492,7 @@ def _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wa
         s = th * mu
         dscale = alpha
     else:
-        t_ = torch.sub(zy + GAMMA, z)  # GAMMA - F
+        t_ = torch.sub(zy, z).add_(GAMMA)  # GAMMA - F (-F first: exact where z is close to z_y)
         s = torch.nn.functional.softplus(t_).mul_(-mu).add_(mu).scatter_(1, idx, 0.0)  # mu phi(F), s_y = 0
         dscale = 1.0
     m = s.amax(dim=1, keepdim=True)
@@ -484,37 +504,42 @@ def _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wa
         loss = loss.masked_fill(dead, 0.0)
     if bad is not None:
         loss.masked_fill_(bad, float("nan"))
-    if not want_grad:
-        return loss, None, count
+    if not (want_grad or want_stats):
+        return loss, None, count, None
     if phi == _TANH:  # e * phi' / alpha = e * (1 - tanh^2), as PyTorch's tanh backward (error < 2^-23)
         c = e.addcmul_(e, th.square_(), value=-1.0)
     else:  # e * sigmoid(GAMMA - F)
         c = e.mul_(t_.sigmoid_())
     c.scatter_(1, idx, 0.0)  # c_j = e_j phi'(F_j) / dscale for j != y
+    W = c.sum(dim=1)
+    stats = torch.stack([lse, W / S * dscale]) if want_stats else None
+    if not want_grad:
+        return loss, None, count, stats
     if isinstance(row_scale, torch.Tensor):
         coef = S.reciprocal().mul_(mu * dscale * out_scale).mul_(row_scale)
     else:
         coef = S.reciprocal().mul_(mu * dscale * out_scale * row_scale)
     if dead is not None:
         coef.masked_fill_(dead, 0.0)
-    gy = c.sum(dim=1).mul_(coef).neg_()
+    gy = W.mul_(coef).neg_()
     g = c.mul_(coef.unsqueeze(1)).scatter_(1, idx, gy.unsqueeze(1))
     if dead is not None:  # (also for non-finite logits in those rows)
         g.masked_fill_(dead.unsqueeze(1), 0.0)
     if bad is not None:
         g.masked_fill_(bad.unsqueeze(1), float("nan"))
-    return loss, g, count
+    return loss, g, count, stats
 
 
-def _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad):
-    """(loss in z.dtype, gradient of the reduced loss in z.dtype or None)."""
-    rows, g, count = _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, 1.0, want_grad,
-                                     check=z.device.type == "cpu", mean=reduction == _MEAN)
+def _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad, want_stats):
+    """(loss in z.dtype, gradient of the reduced loss in z.dtype or None, row statistics or None)."""
+    rows, g, count, stats = _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, 1.0, want_grad,
+                                            check=z.device.type == "cpu", mean=reduction == _MEAN,
+                                            want_stats=want_stats)
     if reduction == _NONE:
         loss = rows
     else:
         loss = rows.sum() / count if count is not None else rows.sum()
-    return loss.to(z.dtype), None if g is None else g.to(z.dtype)
+    return loss.to(z.dtype), None if g is None else g.to(z.dtype), stats
 
 
 def _composite_scale_grad_(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
@@ -557,26 +582,50 @@ def _unit_col_stride(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(1) == 1 or z.shape[1] <= 1 else z.contiguous()
 
 
-def _forward_impl(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad, into_logits=False):
-    """(loss, gradient or None): the gradient of the reduced loss (of each row's loss for "none"),
-    in a new (N, K) tensor, or written over the logits when into_logits."""
+def _writable(z: torch.Tensor) -> bool:
+    """No two elements of the (N, K) view z share memory (it can hold the gradient in place)."""
+    dims = sorted((st, n) for st, n in zip(z.stride(), z.shape) if n > 1)
+    span = 1
+    for st, n in dims:
+        if st < span:
+            return False
+        span = st * n
+    return True
+
+
+def _forward_impl(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad, into_logits=False,
+                  want_stats=False):
+    """(loss, gradient or None, row statistics or None).
+
+    The gradient of the reduced loss (of each row's loss for "none"), in a new (N, K) tensor, or written
+    over the logits when into_logits (into a new tensor all the same when the logits' memory overlaps
+    itself, an expanded tensor say). Row statistics: (2, N) for the backward of reduction="none"."""
+    into_logits = into_logits and _writable(z)
     if _use_triton(z):
-        z = _unit_col_stride(z)
-        g = None
+        z, t = _unit_col_stride(z), t.contiguous()
+        g = stats = None
         if want_grad:
             g = z if into_logits else _empty(z.shape, z.dtype, z.device)
-        return _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, g)
-    loss, g = _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad)
+        if want_stats:
+            stats = _empty((2, z.shape[0]), torch.float32, z.device)
+        loss, g = _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, g, stats)
+        return loss, g, stats
+    loss, g, stats = _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad,
+                                        want_stats)
     if into_logits and g is not None:
         g = z.copy_(g)
-    return loss, g
+    return loss, g, stats
 
 
-def _row_grad_impl(z, t, grad_rows, phi, mu, alpha, ignore_index, out_scale):
+def _row_grad_impl(z, t, grad_rows, stats, phi, mu, alpha, ignore_index, out_scale):
+    """Gradient of sum_i grad_rows[i] * l_i; stats: the forward's row statistics, or an empty tensor."""
     if _use_triton(z):
-        return _triton_row_grad(_unit_col_stride(z), t, grad_rows, phi, mu, alpha, ignore_index, out_scale)
+        if stats.numel() == 0:
+            stats = None
+        return _triton_row_grad(_unit_col_stride(z), t.contiguous(), grad_rows, stats, phi, mu, alpha,
+                                ignore_index, out_scale)
     row_scale = grad_rows.to(_compute_dtype(z.dtype))
-    _, g, _ = _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, True, check=False)
+    _, g, _, _ = _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, True, check=False)
     return g.to(z.dtype)
 
 
@@ -603,7 +652,8 @@ def _scaled(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (grad.to(acc) * factor.to(acc).reshape(-1, 1)).to(grad.dtype)
 
 
-def _save(ctx, fused, logits, targets, grad, reduction, params) -> None:
+def _save(ctx, fused, logits, targets, aux, reduction, params) -> None:
+    """aux: the fused gradient (fused), else the row statistics of reduction="none" (or empty)."""
     ctx.set_materialize_grads(False)
     ctx.fused = fused
     ctx.reduction = reduction
@@ -612,9 +662,9 @@ def _save(ctx, fused, logits, targets, grad, reduction, params) -> None:
     if fused:
         # Kept as an attribute, not through save_for_backward: the backward scales it in place, which
         # would fail the saved-tensor version check of a second backward (retain_graph=True).
-        ctx.grad = grad
+        ctx.grad = aux
     else:
-        ctx.save_for_backward(logits, targets)
+        ctx.save_for_backward(logits, targets, aux)
 
 
 def _backward_stored(ctx, grad_output):
@@ -643,15 +693,13 @@ def _backward(ctx, grad_loss):
     if ctx.fused:
         return _backward_stored(ctx, grad_loss)
     # reduction="none" (or a forward that did not fuse the gradient): recompute it from the logits.
-    logits, targets = ctx.saved_tensors
+    logits, targets, stats = ctx.saved_tensors
     phi, mu, alpha, ignore_index, out_scale = ctx.params
     grad_rows = grad_loss.to(_compute_dtype(logits.dtype)).expand(targets.shape)
     if ctx.reduction == _MEAN:
         grad_rows = grad_rows / (targets != ignore_index).sum()
-    if _tracing(logits):
-        return torch.ops.bisam.bisam_loss_row_grad(logits, targets, grad_rows, phi, mu, alpha, ignore_index,
-                                                   out_scale)
-    return _row_grad_impl(logits, targets, grad_rows, phi, mu, alpha, ignore_index, out_scale)
+    args = (logits, targets, grad_rows, stats, phi, mu, alpha, ignore_index, out_scale)
+    return torch.ops.bisam.bisam_loss_row_grad(*args) if _tracing(logits) else _row_grad_impl(*args)
 
 
 class _BiSAMLossFunction(torch.autograd.Function):
@@ -661,13 +709,14 @@ class _BiSAMLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, into_logits):
         fused = into_logits or reduction != _NONE
-        loss, grad = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale,
-                                   want_grad=fused, into_logits=into_logits)
+        loss, grad, stats = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale,
+                                          want_grad=fused, into_logits=into_logits, want_stats=not fused)
         if into_logits:
             # The kernel overwrote the logits behind autograd's back: bump their version so that a node
             # that saved them (and would now read clobbered values) raises instead of going wrong.
             torch.autograd.graph.increment_version(logits)
-        _save(ctx, fused, logits, targets, grad, reduction, (phi, mu, alpha, ignore_index, out_scale))
+        _save(ctx, fused, logits, targets, grad if fused else stats, reduction, (phi, mu, alpha, ignore_index,
+                                                                                out_scale))
         return loss
 
     @staticmethod
@@ -692,17 +741,30 @@ def _op_forward(
     out_scale: float,
     fuse_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, gradient of the reduced loss if fuse_grad and reduction is mean/sum, else an empty tensor)."""
+    """(loss, aux). With fuse_grad (the logits will need a gradient), aux is the gradient of the reduced
+    loss for mean / sum, and the (2, N) row statistics the backward uses for none; else empty."""
     fused = fuse_grad and reduction != _NONE
-    loss, grad = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fused)
-    return loss, grad if grad is not None else logits.new_empty((0,))
+    stats_wanted = fuse_grad and reduction == _NONE
+    loss, grad, stats = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fused,
+                                      want_stats=stats_wanted)
+    aux = grad if fused else stats if stats_wanted else logits.new_empty((0,))
+    return loss, aux
+
+
+def _aux_meta(logits, fuse_grad, reduction):
+    """(shape, dtype) of the forward operator's second output."""
+    if not fuse_grad:
+        return (0,), logits.dtype
+    if reduction == _NONE:
+        return (2, logits.shape[0]), _compute_dtype(logits.dtype)
+    return logits.shape, logits.dtype
 
 
 @_op_forward.register_fake
 def _op_forward_fake(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fuse_grad):
-    fused = fuse_grad and reduction != _NONE
     loss_shape = (logits.shape[0],) if reduction == _NONE else ()
-    return logits.new_empty(loss_shape), logits.new_empty(logits.shape if fused else (0,))
+    aux_shape, aux_dtype = _aux_meta(logits, fuse_grad, reduction)
+    return logits.new_empty(loss_shape), logits.new_empty(aux_shape, dtype=aux_dtype)
 
 
 def _setup_op_forward(ctx, inputs, output):
@@ -724,18 +786,20 @@ def _op_row_grad(
     logits: torch.Tensor,
     targets: torch.Tensor,
     grad_rows: torch.Tensor,
+    stats: torch.Tensor,
     phi: int,
     mu: float,
     alpha: float,
     ignore_index: int,
     out_scale: float,
 ) -> torch.Tensor:
-    """Gradient of sum_i grad_rows[i] * l_i with respect to the logits (backward of reduction="none")."""
-    return _row_grad_impl(logits, targets, grad_rows, phi, mu, alpha, ignore_index, out_scale)
+    """Gradient of sum_i grad_rows[i] * l_i with respect to the logits (backward of reduction="none");
+    stats: the forward's row statistics (spare wide rows a pass), or an empty tensor."""
+    return _row_grad_impl(logits, targets, grad_rows, stats, phi, mu, alpha, ignore_index, out_scale)
 
 
 @_op_row_grad.register_fake
-def _op_row_grad_fake(logits, targets, grad_rows, phi, mu, alpha, ignore_index, out_scale):
+def _op_row_grad_fake(logits, targets, grad_rows, stats, phi, mu, alpha, ignore_index, out_scale):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -824,7 +888,7 @@ def bisam_loss(
     elif needs_grad:
         loss = _BiSAMLossFunction.apply(z, t, *args, bool(inplace_backward))
     else:
-        loss, _ = _forward_impl(z, t, *args, want_grad=False)
+        loss, _, _ = _forward_impl(z, t, *args, want_grad=False)
     return loss.reshape(targets.shape) if red == _NONE else loss
 
 
