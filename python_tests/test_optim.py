@@ -17,9 +17,6 @@ import torch.nn.functional as F
 from conftest import requires_cuda
 
 import bisam_kernels as bk
-
-if not hasattr(bk, "bisam_loss"):  # TEMPORARY: only until the fused loss (bk.bisam_loss) is merged
-    pytest.skip("bk.bisam_loss is not merged yet", allow_module_level=True)
 from bisam_kernels import references as R
 
 # ---------------------------------------------------------------------------------------------

@@ -7,13 +7,7 @@ import math
 import pathlib
 import re
 
-import pytest
 import torch
-
-import bisam_kernels as bk
-
-if not hasattr(bk, "bisam_loss"):  # TEMPORARY: only until the fused loss (bk.bisam_loss) is merged
-    pytest.skip("bk.bisam_loss is not merged yet", allow_module_level=True)
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
