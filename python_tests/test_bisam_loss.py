@@ -367,6 +367,17 @@ def test_default_matches_released_code(backend):
         torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_double_backward_is_refused(backend):
+    """First-order only: differentiating the gradient again raises instead of giving a silent zero."""
+    device, ctx = backend
+    z, t = make_inputs(4, 5, device)
+    leaf = z.clone().requires_grad_()
+    with ctx:
+        (g,) = torch.autograd.grad(bk.bisam_loss(leaf, t), leaf, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
 def test_released_reference_shifts_a_clone(backend):
     device, _ = backend
     z, t = make_inputs(4, 6, device, ignored=0.0)

@@ -88,7 +88,7 @@ if triton is not None:
     # Flags and the ignore index are not specialised on (the JIT would otherwise compile a variant for
     # each value equal to 1), so the variants are the ones kernel_configs() lists, times dtypes.
     @triton.jit(do_not_specialize=["scale_stride", "ignore_index", "scale_mode", "stats_mode", "write_loss",
-                                   "write_grad"])
+                                   "write_grad", "finalize"])
     def _bisam_loss_kernel(
         z_ptr,
         z_stride,
@@ -99,6 +99,7 @@ if triton is not None:
         scale_ptr,
         scale_stride,
         stats_ptr,
+        out_ptr,
         N,
         K,
         mu,
@@ -109,6 +110,7 @@ if triton is not None:
         stats_mode,
         write_loss,
         write_grad,
+        finalize,
         PHI: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -121,6 +123,8 @@ if triton is not None:
         BLOCK_K chunks, then a second pass that writes the gradient. Row statistics (lse = logsumexp s,
         ws = sum_{j != y} p_j phi'(F_j)) at stats[row], stats[N + row]: stats_mode 1 writes them, 2 reads
         them instead of the first pass (two-pass kernel; SINGLE re-reads its row anyway).
+        finalize 1 (sum) / 2 (mean), with a single program (N <= ROWS): out[0] = the reduced loss, and the
+        mean's count taken from the program's own rows (no count or reduction kernel: one launch).
         Ignored rows: loss 0, gradient 0, logits never read. A target outside [0, K) that is not
         ignore_index: loss and gradient NaN.
         """
@@ -139,6 +143,9 @@ if triton is not None:
         gs = tl.load(scale_ptr + rows * scale_stride, mask=row_ok & (scale_mode != 0), other=1.0).to(tl.float32)
         # (a count of 0 means every row is ignored: the scale is then unused)
         gs = tl.where(scale_mode == 1, 1.0 / tl.maximum(gs, 1.0), gs)
+        n_counted = tl.sum((row_ok & (~ignored)).to(tl.float32), axis=0)
+        if finalize == 2:
+            gs = tl.zeros([ROWS], dtype=tl.float32) + 1.0 / tl.maximum(n_counted, 1.0)
 
         cols = tl.arange(0, BLOCK_K)
         if SINGLE:
@@ -185,6 +192,11 @@ if triton is not None:
         loss = tl.where(ignored, 0.0, loss)
         loss = tl.where(bad, float("nan"), loss)
         tl.store(loss_ptr + rows, loss, mask=row_ok & (write_loss != 0))
+        if finalize != 0:
+            total = tl.sum(tl.where(row_ok, loss, 0.0), axis=0)
+            if finalize == 2:  # the mean over no rows is NaN, as F.cross_entropy's
+                total = tl.where(n_counted > 0, total / tl.maximum(n_counted, 1.0), float("nan"))
+            tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
 
         # dl/dz_k = coef * p_k * phi'(F_k) (k != y), dl/dz_y = -coef * sum_{j != y} p_j phi'(F_j) = -coef * ws.
         coef = (mu * out_scale) * gs
@@ -315,10 +327,12 @@ def _arg_types(kernel: str, d: str, t: str) -> tuple[dict, list[str]]:
     """(Triton types of the runtime arguments, the ones 16-byte aligned in the aligned variant)."""
     if kernel == "_bisam_loss_kernel":
         types = {"z_ptr": f"*{d}", "z_stride": "i32", "t_ptr": f"*{t}", "g_ptr": f"*{d}", "g_stride": "i32",
-                 "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "stats_ptr": "*fp32", "N": "i32",
-                 "K": "i32", "mu": "fp32", "alpha": "fp32", "out_scale": "fp32", "ignore_index": "i32",
-                 "scale_mode": "i32", "stats_mode": "i32", "write_loss": "i32", "write_grad": "i32"}
-        return types, ["z_ptr", "t_ptr", "g_ptr", "loss_ptr", "scale_ptr", "stats_ptr", "z_stride", "g_stride", "K"]
+                 "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "stats_ptr": "*fp32",
+                 "out_ptr": f"*{d}", "N": "i32", "K": "i32", "mu": "fp32", "alpha": "fp32", "out_scale": "fp32",
+                 "ignore_index": "i32", "scale_mode": "i32", "stats_mode": "i32", "write_loss": "i32",
+                 "write_grad": "i32", "finalize": "i32"}
+        aligned = ["z_ptr", "t_ptr", "g_ptr", "loss_ptr", "scale_ptr", "stats_ptr", "out_ptr", "z_stride", "g_stride", "K"]
+        return types, aligned
     if kernel == "_count_kernel":
         return {"t_ptr": f"*{t}", "count_ptr": "*fp32", "N": "i32", "ignore_index": "i32"}, ["t_ptr", "count_ptr"]
     if kernel == "_reduce_kernel":
@@ -364,7 +378,7 @@ def aot_specializations() -> list[dict]:
 
 
 def _launch_main(z, t, g, loss_rows, scale, scale_stride, scale_mode, stats, stats_mode, phi, mu, alpha, out_scale,
-                 ignore_index, write_loss, write_grad):
+                 ignore_index, write_loss, write_grad, out=None, finalize=0):
     N, K = z.shape
     if N == 0:
         return
@@ -372,9 +386,9 @@ def _launch_main(z, t, g, loss_rows, scale, scale_stride, scale_mode, stats, sta
     num_warps = cfg.pop("num_warps")
     grid = (triton.cdiv(N, cfg["ROWS"]),)
     _bisam_loss_kernel[grid](
-        z, z.stride(0), t, g, g.stride(0), loss_rows, scale, scale_stride, stats, N, K, float(mu), float(alpha),
-        float(out_scale), int(ignore_index), scale_mode, stats_mode, int(write_loss), int(write_grad), PHI=phi,
-        num_warps=num_warps, **cfg)
+        z, z.stride(0), t, g, g.stride(0), loss_rows, scale, scale_stride, stats, z if out is None else out, N, K,
+        float(mu), float(alpha), float(out_scale), int(ignore_index), scale_mode, stats_mode, int(write_loss),
+        int(write_grad), finalize, PHI=phi, num_warps=num_warps, **cfg)
 
 
 def _triton_count(t: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -400,14 +414,22 @@ def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, gr
     (2, N) float32 tensor, receives the row statistics the backward of reduction="none" uses. Runs on
     CPU tensors under TRITON_INTERPRET=1.
     """
-    N, _ = z.shape
+    N, K = z.shape
     loss_rows = _empty((N,), torch.float32, z.device)
     write_grad = grad_out is not None
+    g = grad_out if write_grad else z
+    stats_args = (stats_out, 1) if stats_out is not None else (loss_rows, 0)
+    if reduction != _NONE and 0 < N <= _forward_config(K)["ROWS"]:
+        # One program holds every row: it counts, reduces and writes the loss itself (one launch).
+        out = _empty((), z.dtype, z.device)
+        _launch_main(z, t, g, loss_rows, loss_rows, 0, _SCALE_ONE, *stats_args, phi, mu, alpha, out_scale,
+                     ignore_index, write_loss=False, write_grad=write_grad, out=out,
+                     finalize=2 if reduction == _MEAN else 1)
+        return out, grad_out
     count = _triton_count(t, ignore_index) if reduction == _MEAN else None
-    _launch_main(z, t, grad_out if write_grad else z, loss_rows,
-                 count if count is not None else loss_rows, 0, _SCALE_INV_COUNT if count is not None else _SCALE_ONE,
-                 stats_out if stats_out is not None else loss_rows, int(stats_out is not None),
-                 phi, mu, alpha, out_scale, ignore_index, write_loss=True, write_grad=write_grad)
+    _launch_main(z, t, g, loss_rows, count if count is not None else loss_rows, 0,
+                 _SCALE_INV_COUNT if count is not None else _SCALE_ONE, *stats_args, phi, mu, alpha, out_scale,
+                 ignore_index, write_loss=True, write_grad=write_grad)
     if reduction == _NONE:
         loss = loss_rows.to(z.dtype)
     else:
@@ -720,6 +742,7 @@ class _BiSAMLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         return (_backward(ctx, grad_loss),) + (None,) * 8
 
@@ -858,7 +881,9 @@ def bisam_loss(
 
     Args:
         logits: ``(N, K)``, or ``(..., K)`` with the classes in the *last* dimension (the layout of
-            language-model logits; flattened to ``(-1, K)``). float32, bfloat16, float16 or float64.
+            language-model logits, flattened to ``(-1, K)``; note ``F.cross_entropy`` wants the classes in
+            dimension 1 of a ``(N, C, d1, ...)`` input). float32, bfloat16, float16 or float64 (float64
+            runs the composite PyTorch path, also on CUDA). Any strides.
         targets: int64 or int32 class indices of shape ``logits.shape[:-1]``.
         phi: ``"log"`` (``1 - softplus(log(e - 1) - x)``) or ``"tanh"`` (``tanh(alpha * x)``).
         mu: the softmax temperature, finite and positive. alpha: the tanh slope (unused by ``"log"``).
@@ -868,12 +893,17 @@ def bisam_loss(
         scale_by_mu: divide by ``mu`` (the paper's ``l / mu``; off by default, as in the released code).
         inplace_backward: write the gradient into the logits' buffer instead of a new tensor (saves the
             memory of one logits-sized tensor). The logits' *values* are clobbered by the call: nothing may
-            read them afterwards, autograd included. Ignored under ``torch.compile``.
+            read them afterwards (a graph node that saved them raises at backward, through the version
+            counter). Ignored under ``torch.compile``, when no gradient is needed, and for logits whose
+            elements share memory (an expanded tensor).
 
     A target outside ``[0, K)`` that is not ``ignore_index`` raises ``ValueError`` on the CPU; on CUDA it
     makes that row's loss and gradient NaN (checking on the host would need a synchronisation).
 
-    The loss has the logits' dtype and is differentiable with respect to the logits (first order only).
+    The loss has the logits' dtype and is differentiable with respect to the logits, once (no double
+    backward). For mean / sum the gradient is computed with the loss and kept; ``backward`` scales it in
+    place by the incoming gradient (no work when it is 1). A second backward through the same graph
+    (``retain_graph=True``) returns a new tensor scaled from the first factor: NaN if that factor was 0.
     """
     mu, alpha = _check_inputs(logits, targets, phi, mu, alpha, reduction, ignore_index)
     red = REDUCTIONS[reduction]
