@@ -152,7 +152,8 @@ def add_ratios(rows: list[dict], fused: str, copy_bytes_per_s: float) -> list[di
     for impls in by_workload.values():
         base = impls.get(fused)
         for r in impls.values():
-            r["fraction_of_copy_bw"] = r["achieved_gbps"] * 1e9 / copy_bytes_per_s
+            if r["floor_bytes"]:
+                r["fraction_of_copy_bw"] = r["achieved_gbps"] * 1e9 / copy_bytes_per_s
             if base is not None:
                 r["fused_speedup"] = r["median_s"] / base["median_s"]  # >1: the fused op is faster
     return rows

@@ -25,7 +25,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import harness  # noqa: E402
+from bench.bench_bisam_loss import loss_cases  # noqa: E402
 from bench.bench_sam_perturb import sam_cases  # noqa: E402
+from bench.bench_train_step import train_step_cases  # noqa: E402
 
 FUSED = "fused"
 
@@ -35,9 +37,19 @@ def collect_cases(device: str, quick: bool, compiled: bool) -> list[harness.Case
     cases = []
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
     for dtype in dtypes:
-        workloads = ["resnet56"] if quick else None
-        cases += sam_cases(device, dtype=dtype, workloads=workloads, impls=impls)
+        cases += sam_cases(device, dtype=dtype, workloads=["resnet56"] if quick else None, impls=impls)
+        cases += loss_cases(device, dtype=dtype, shapes=[(128, 10), (128, 100)] if quick else None, impls=impls)
+    batch = 8 if quick else (128 if device == "cuda" else 32)
+    cases += train_step_cases(device, batch=batch)
     return cases
+
+
+def add_step_overhead(rows: list[dict]) -> None:
+    """Share of the fused BiSAM step spent outside its two forward/backward passes."""
+    steps = {r["impl"]: r for r in rows if r["workload"].startswith("train_step")}
+    if "fused" in steps and "passes" in steps:
+        fused = steps["fused"]
+        fused["overhead_outside_passes"] = 1.0 - steps["passes"]["median_s"] / fused["median_s"]
 
 
 def git_revision() -> str:
@@ -56,14 +68,19 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
     lines = [f"copy bandwidth measured in this run: {copy_gbps:.1f} GB/s", header, "-" * len(header)]
     for r in rows:
         t = r["median_s"]
+        bandwidth = (f"{r['achieved_gbps']:9.1f}{100 * r['fraction_of_copy_bw']:8.1f}%"
+                     if r["floor_bytes"] else f"{'-':>9}{'-':>9}")
         time_text = f"{t * 1e3:9.3f} ms" if t >= 1e-3 else f"{t * 1e6:9.1f} us"
         speedup = f"{r['fused_speedup']:8.2f}x" if "fused_speedup" in r else f"{'':9}"
         peak = r.get("extra_memory_bytes")
         lines.append(
             f"{r['workload']:<24}{r.get('dtype', ''):<10}{r['impl']:<10}{time_text:>12}{speedup}"
-            f"{r['achieved_gbps']:9.1f}{100 * r['fraction_of_copy_bw']:8.1f}%"
-            f"{r.get('launches', ''):>10}{'' if peak is None else f'{peak / 2**20:10.1f}'}"
+            f"{bandwidth}{r.get('launches', ''):>10}{'' if peak is None else f'{peak / 2**20:10.1f}'}"
         )
+    for r in rows:
+        if "overhead_outside_passes" in r:
+            lines.append(f"{r['workload']}: {100 * r['overhead_outside_passes']:.1f}% of the fused BiSAM step is "
+                         "spent outside its two forward/backward passes")
     return "\n".join(lines)
 
 
@@ -74,8 +91,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted({(r["workload"], r.get("dtype", "")) for r in rows})
-    colors = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green"}
-    impls = [i for i in ("released", "eager", "compiled") if any(r["impl"] == i for r in rows)]
+    colors = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green",
+              "passes": "tab:purple", "sgd": "tab:gray"}
+    impls = [i for i in colors if i != FUSED and any(r["impl"] == i for r in rows)]
     fig, (ax_speed, ax_bw) = plt.subplots(1, 2, figsize=(14, 0.5 * len(keys) + 3))
     labels = [f"{w} ({d})" if d else w for w, d in keys]
     height = 0.8 / max(1, len(impls))
@@ -98,7 +116,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ys, xs = [], []
         for j, key in enumerate(keys):
             r = next((r for r in rows if (r["workload"], r.get("dtype", "")) == key and r["impl"] == impl), None)
-            if r is not None:
+            if r is not None and r["floor_bytes"]:
                 ys.append(j + k * height)
                 xs.append(100 * r["fraction_of_copy_bw"])
         ax_bw.barh(ys, xs, height=height, label=impl, color=colors.get(impl))
@@ -135,6 +153,7 @@ def main(argv=None) -> int:
     for case in tqdm(cases, desc=f"benchmarks on {device}", unit="case"):
         rows.append(harness.measure(case, device, min_time_s=min_time))
     harness.add_ratios(rows, FUSED, copy_bps)
+    add_step_overhead(rows)
 
     env = harness.environment(device)
     now = datetime.datetime.now(datetime.timezone.utc)

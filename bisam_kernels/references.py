@@ -75,6 +75,39 @@ def sam_restore_foreach(params, backups) -> None:
     torch._foreach_copy_(params, backups)
 
 
+def released_disable_running_stats(model) -> None:
+    """The released training script's BatchNorm bypass for pass 2: momentum 0 (``utility/bypass_bn.py``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.backup_momentum = module.momentum
+            module.momentum = 0
+
+
+def released_enable_running_stats(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and hasattr(module, "backup_momentum"):
+            module.momentum = module.backup_momentum
+
+
+def canonical_sam_step(model, base, x, y, rho, adaptive, ascent, label_smoothing=0.1) -> None:
+    """One step of the canonical PyTorch SAM (per-parameter loop) with the released code's BN bypass.
+
+    ``ascent(logits, targets)`` is the pass-1 loss (the released BiSAM loss, or cross-entropy for
+    SAM); ``base`` an optimizer over ``model``'s parameters; pass 2 is cross-entropy with label smoothing.
+    """
+    released_enable_running_stats(model)
+    ascent(model(x), y).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    backups = sam_first_step_loop(params, [p.grad for p in params], rho, adaptive)
+    base.zero_grad()
+    released_disable_running_stats(model)
+    torch.nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing).backward()
+    sam_restore_loop(params, backups)
+    base.step()
+    base.zero_grad()
+    released_enable_running_stats(model)
+
+
 # ---------------------------------------------------------------------------------------------
 # BiSAM lower-bound loss
 # ---------------------------------------------------------------------------------------------
