@@ -43,7 +43,8 @@ def _compile_one(spec: dict) -> dict:
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec["aligned"]}
     target = GPUTarget("cuda", 90, 32)
     options = triton.compiler.make_backend(target).parse_options({"num_warps": spec["num_warps"]})
-    src = triton.compiler.ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
+    constexprs = {(fn.arg_names.index(k),): v for k, v in spec["constexprs"].items()}  # (index,) keys: Triton >= 3.3
+    src = triton.compiler.ASTSource(fn=fn, signature=spec["signature"], constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=target, options=options.__dict__)
     result = {"label": spec["label"], "regs": None, "local": None, "stack": None, "shared": None}
     tool = _cuobjdump()
