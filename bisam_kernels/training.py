@@ -69,16 +69,15 @@ class BiSAMStepOutput(NamedTuple):
 _ASCENT_LOSSES = ("log", "tanh", "cross_entropy")
 
 
-def _builtin_sum_loss(name: str, mu: float, alpha: float, label_smoothing: float, ignore_index: int) -> Callable:
-    """A sum-reduced loss (the caller divides by the batch's valid-row count, so micro-batches add up exactly)."""
+def _builtin_loss(name: str, reduction: str, mu: float, alpha: float, label_smoothing: float, ignore_index: int):
     if name == "cross_entropy":
         return lambda z, y: F.cross_entropy(
-            z, y, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction="sum"
+            z, y, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction
         )
     import bisam_kernels  # the fused loss lives in the package namespace
 
     return lambda z, y: bisam_kernels.bisam_loss(
-        z, y, phi=name, mu=mu, alpha=alpha, reduction="sum", ignore_index=ignore_index
+        z, y, phi=name, mu=mu, alpha=alpha, reduction=reduction, ignore_index=ignore_index
     )
 
 
@@ -105,7 +104,10 @@ def _one_pass(model, chunks, targets_chunks, loss_fn, weights, scaler, autocast,
         with _grad_sync(model, sync and i == last):
             with autocast():
                 logits = model(*x) if isinstance(x, (tuple, list)) else model(x)
-                loss = loss_fn(logits, y) * weights[i]
+                loss = loss_fn(logits, y)
+                w = weights[i]
+                if not (isinstance(w, float) and w == 1.0):
+                    loss = loss * w
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
         if keep_logits:
@@ -142,7 +144,9 @@ def bisam_step(
             :func:`bisam_kernels.bisam_loss` with ``mu``/``alpha``), ``"cross_entropy"`` (plain SAM: the
             pass-2 loss, label smoothing included), or a callable ``(logits, targets) -> mean loss``.
         loss_fn: the pass-2 training loss at ``w + e``; default cross-entropy with ``label_smoothing``.
-        ignore_index: targets ignored by the built-in losses (the mean is over the other rows).
+        ignore_index: targets ignored by the built-in losses (the mean is over the other rows; with no
+            valid row the loss is NaN with one micro-batch, as ``F.cross_entropy``, 0 with several; the
+            gradient is 0 either way).
         scaler: a ``torch.amp.GradScaler``; both passes are scaled, pass 1 needs no unscale (the
             perturbation direction does not depend on the scale; an overflowed pass 1 skips the
             perturbation), pass 2 goes through ``scaler.step`` and ``scaler.update``.
@@ -168,18 +172,21 @@ def bisam_step(
         raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {n_rows}")
 
     x_chunks, y_chunks = _split(inputs, micro_batches), _split(targets, micro_batches)
-    # Built-in losses are sum-reduced and weighted by 1 / (valid rows of the whole batch); a user's
-    # mean-reduced loss is weighted by its micro-batch's share of the rows. Either way the micro-batch
-    # losses add up to the batch mean.
+    # One micro-batch: the built-in losses are mean-reduced (as F.cross_entropy: NaN when no row is valid).
+    # Several: sum-reduced and weighted by 1 / (valid rows of the whole batch, at least 1), on the device.
+    # A user's mean-reduced loss is weighted by its micro-batch's share of the rows. Either way the
+    # micro-batch losses add up to the batch mean.
     fractions = [y.shape[0] / max(n_rows, 1) for y in y_chunks]
-    if targets.is_floating_point():  # class probabilities: every row counts
-        per_row = [1.0 / max(n_rows, 1)] * micro_batches
+    if micro_batches == 1:
+        reduction, per_row = "mean", [1.0]
+    elif targets.is_floating_point():  # class probabilities: every row counts
+        reduction, per_row = "sum", [1.0 / n_rows] * micro_batches
     else:
-        n_valid = (targets != ignore_index).sum().clamp_min(1).to(torch.float32)  # on the device, no sync
-        per_row = [1.0 / n_valid] * micro_batches
+        n_valid = (targets != ignore_index).sum().clamp_min(1).to(torch.float32)  # no host sync
+        reduction, per_row = "sum", [1.0 / n_valid] * micro_batches
 
     def builtin(name):
-        return _builtin_sum_loss(name, mu, alpha, label_smoothing, ignore_index), per_row
+        return _builtin_loss(name, reduction, mu, alpha, label_smoothing, ignore_index), per_row
 
     loss2, w2 = builtin("cross_entropy") if loss_fn is None else (loss_fn, fractions)
     if isinstance(ascent_loss, str):

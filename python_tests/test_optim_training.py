@@ -118,6 +118,18 @@ def test_micro_batches_equal_one_big_batch(micro_batches, losses):
         torch.testing.assert_close(small.logits, big.logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_all_rows_ignored_gives_zero_gradients(micro_batches):
+    model = small_cnn(norm="gn")
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    x, _ = make_batches(1, n=6)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    out = bk.bisam_step(model, opt, x, torch.full((6,), -100), micro_batches=micro_batches)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    expected = float("nan") if micro_batches == 1 else 0.0  # F.cross_entropy's mean of nothing is NaN
+    torch.testing.assert_close(out.loss, torch.tensor(expected), equal_nan=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # AMP
 # ---------------------------------------------------------------------------------------------
