@@ -15,7 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["resnet56_cifar", "resnet56_param_shapes", "vit_b16_param_shapes", "count_params"]
+__all__ = [
+    "resnet56_cifar",
+    "resnet56_param_shapes",
+    "vit_b16_param_shapes",
+    "wrn28_10_param_shapes",
+    "gpt2_small_param_shapes",
+    "decoder_1b_param_shapes",
+    "count_params",
+]
 
 
 class _ShortcutA(nn.Module):
@@ -105,6 +113,51 @@ def vit_b16_param_shapes(num_classes: int = 1000, image_size: int = 224) -> list
         ]  # fmt: skip
     shapes += [(dim,), (dim,), (num_classes, dim), (num_classes,)]  # final norm, head
     return shapes
+
+
+def wrn28_10_param_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
+    """WRN-28-10 for CIFAR (Zagoruyko & Komodakis, 2016): 3 groups of 4 pre-activation blocks at
+    160/320/640 channels, 1x1 projection shortcuts where the width changes: 36.5M parameters."""
+    shapes: list[tuple[int, ...]] = [(16, 3, 3, 3)]
+    in_ch = 16
+    for out_ch in (160, 320, 640):
+        for _ in range(4):
+            shapes += [(in_ch,), (in_ch,), (out_ch, in_ch, 3, 3), (out_ch,), (out_ch,), (out_ch, out_ch, 3, 3)]
+            if in_ch != out_ch:
+                shapes.append((out_ch, in_ch, 1, 1))
+            in_ch = out_ch
+    return shapes + [(in_ch,), (in_ch,), (num_classes, in_ch), (num_classes,)]
+
+
+def gpt2_small_param_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small (124M parameters, 148 tensors; the output head is tied to the token embedding)."""
+    dim, depth, vocab, context = 768, 12, 50257, 1024
+    shapes: list[tuple[int, ...]] = [(vocab, dim), (context, dim)]
+    for _ in range(depth):
+        shapes += [
+            (dim,), (dim,),  # ln_1
+            (dim, 3 * dim), (3 * dim,),  # attention c_attn
+            (dim, dim), (dim,),  # attention c_proj
+            (dim,), (dim,),  # ln_2
+            (dim, 4 * dim), (4 * dim,),  # mlp c_fc
+            (4 * dim, dim), (dim,),  # mlp c_proj
+        ]  # fmt: skip
+    return shapes + [(dim,), (dim,)]
+
+
+def decoder_1b_param_shapes() -> list[tuple[int, ...]]:
+    """A Llama-style 1.1B decoder (the TinyLlama shape: width 2048, 22 layers, grouped-query attention
+    with 4 key/value heads of 64, SwiGLU MLP of 5632, vocabulary 32000, untied head): 201 tensors."""
+    dim, depth, kv_dim, ffn, vocab = 2048, 22, 256, 5632, 32000
+    shapes: list[tuple[int, ...]] = [(vocab, dim)]
+    for _ in range(depth):
+        shapes += [
+            (dim,),  # attention norm
+            (dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, dim),  # q, k, v, o
+            (dim,),  # MLP norm
+            (ffn, dim), (ffn, dim), (dim, ffn),  # gate, up, down
+        ]  # fmt: skip
+    return shapes + [(dim,), (vocab, dim)]
 
 
 def count_params(shapes) -> int:

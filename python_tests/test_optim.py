@@ -52,43 +52,6 @@ def make_batches(steps: int, n: int = 12, num_classes: int = 10, size: int = 8):
     return [(torch.randn(n, 1, size, size), torch.randint(0, num_classes, (n,))) for _ in range(steps)]
 
 
-def released_disable_running_stats(model):
-    """utility/bypass_bn.py of the released training script, verbatim in behaviour."""
-
-    def _disable(module):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.backup_momentum = module.momentum
-            module.momentum = 0
-
-    model.apply(_disable)
-
-
-def released_enable_running_stats(model):
-    def _enable(module):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and hasattr(module, "backup_momentum"):
-            module.momentum = module.backup_momentum
-
-    model.apply(_enable)
-
-
-def canonical_sam_step(model, base, x, y, rho, adaptive, ascent, label_smoothing=0.1):
-    """One step of the canonical PyTorch SAM (per-parameter loop) with the released code's BN bypass.
-
-    ``ascent(logits, targets)`` is the pass-1 loss; ``base`` an optimizer over ``model``'s parameters.
-    """
-    released_enable_running_stats(model)
-    ascent(model(x), y).backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    backups = R.sam_first_step_loop(params, [p.grad for p in params], rho, adaptive)
-    base.zero_grad()
-    released_disable_running_stats(model)
-    F.cross_entropy(model(x), y, label_smoothing=label_smoothing).backward()
-    R.sam_restore_loop(params, backups)
-    base.step()
-    base.zero_grad()
-    released_enable_running_stats(model)
-
-
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
@@ -131,7 +94,7 @@ def test_trajectory_matches_canonical_sam_with_released_loss(phi, base_name, ada
     ref_base = base_cls(ref.parameters(), **kw)
     opt = bk.BiSAM(ours.parameters(), base_cls, rho=rho, adaptive=adaptive, **kw)
     for step, (x, y) in enumerate(make_batches(10)):
-        canonical_sam_step(ref, ref_base, x, y, rho, adaptive, released_loss(phi))
+        R.canonical_sam_step(ref, ref_base, x, y, rho, adaptive, released_loss(phi))
         if loop == "explicit":
             bk.bisam_loss(ours(x), y, phi=phi).backward()
             opt.first_step(zero_grad=True)
@@ -151,7 +114,7 @@ def test_trajectory_test_detects_a_missing_perturbation():
     ref_base = base_cls(ref.parameters(), **kw)
     opt = bk.BiSAM(ours.parameters(), base_cls, rho=0.0, **kw)
     for x, y in make_batches(3):
-        canonical_sam_step(ref, ref_base, x, y, 0.1, False, released_loss("log"))
+        R.canonical_sam_step(ref, ref_base, x, y, 0.1, False, released_loss("log"))
         bk.bisam_step(ours, opt, x, y)
     with pytest.raises(AssertionError, match="relative error"):
         assert_models_close(ours, ref, 1e-5)
