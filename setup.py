@@ -60,11 +60,13 @@ if _truthy("BISAM_REQUIRE_CUDA") and not use_cuda:
 
 root = os.path.dirname(os.path.abspath(__file__))
 sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3"]
+# at::parallel_for is an inline OpenMP region in torch's headers: without -fopenmp it runs serially.
+cxx_flags = ["-O3", "-fopenmp"]
 extension_kwargs = dict(
     name="bisam_kernels._C",
     include_dirs=[os.path.join(root, "csrc")],
     extra_compile_args={"cxx": cxx_flags},
+    extra_link_args=["-fopenmp"],
     py_limited_api=True,
 )
 if use_cuda:
