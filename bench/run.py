@@ -119,7 +119,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             if r is not None and r["floor_bytes"]:
                 ys.append(j + k * height)
                 xs.append(100 * r["fraction_of_copy_bw"])
-        ax_bw.barh(ys, xs, height=height, label=impl, color=colors.get(impl))
+        if xs:  # implementations without a byte floor (the training step) have no bandwidth
+            ax_bw.barh(ys, xs, height=height, label=impl, color=colors.get(impl))
     ax_bw.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))], [""] * len(keys))
     ax_bw.set_xlabel("achieved bandwidth on the floor bytes, % of measured copy bandwidth")
     ax_bw.legend()
