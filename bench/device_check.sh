@@ -35,12 +35,14 @@ grep -o -- "-gencode=[^ ]*" "$out/build.log" | sort -u
 
 stage "tests"
 # The CUDA tests and everything else that runs quickly here; a time limit keeps the budget.
-timeout 240 "$py" -m pytest python_tests -q -x -p no:cacheprovider --junitxml="$out/tests.xml" \
+timeout 240 "$py" -m pytest python_tests -q -p no:cacheprovider --junitxml="$out/tests.xml" \
   >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$out/tests.log"
 
 stage "benchmarks"
+# Results are written after every case and the torch.compile baselines run last, so a run cut
+# short by the limit still leaves every other row in $out/results.
 timeout 300 "$py" -m bench.run --out "$out/results" >"$out/bench.log" 2>&1
 bench_rc=$?
 
