@@ -434,6 +434,48 @@ def test_repeated_backward_after_zero_factor_is_nan_not_wrong(backend):
     assert torch.isnan(g).all()
 
 
+def test_repeated_backward_into_grad_accumulates_or_raises(backend):
+    """.backward() twice accumulates into the leaf's .grad (which the first backward may have made the
+    stored gradient itself): right result, and a loud error once that tensor has been modified."""
+    device, ctx = backend
+    z, t = make_inputs(9, 20, device, ignored=0.0)
+    _, ref = reference(z, t)
+    with ctx:
+        leaf = z.clone().requires_grad_()
+        loss = bk.bisam_loss(leaf, t)
+        loss.backward(retain_graph=True)
+        loss.backward(retain_graph=True)
+        assert_close(leaf.grad, 2 * ref, 1e-5, "two accumulated backwards")
+        with pytest.raises(RuntimeError, match="modified in place"):
+            loss.backward(retain_graph=True)
+        leaf2 = z.clone().requires_grad_()
+        loss2 = bk.bisam_loss(leaf2, t)
+        loss2.backward(retain_graph=True)
+        leaf2.grad.zero_()
+        with pytest.raises(RuntimeError, match="modified in place"):
+            loss2.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_float16_gradient_survives_a_loss_scale(backend, reduction):
+    """AMP: the float16 gradient of a mean over many rows is below float16's range until the loss scale
+    multiplies it; it must be rounded after the scale, not flushed to zero before it."""
+    device, ctx = backend
+    N, K, scale = 1024, 24, 4096.0
+    z, t = make_inputs(N, K, device, dtype=torch.float16, scale=4.0, ignored=0.0)
+    _, ref = reference(z, t, reduction=reduction)
+    with ctx:
+        leaf = z.clone().requires_grad_()
+        (bk.bisam_loss(leaf, t, reduction=reduction) * scale).backward()
+    want = ref * scale
+    normal = want.abs() > 2 * torch.finfo(torch.float16).tiny  # float16 holds these to full precision
+    got = leaf.grad.double().cpu()
+    rel = ((got - want).abs() / want.abs())[normal]
+    # one rounding to float16 (half an ulp: 4.9e-4) with room for float32 math; rounded to float16
+    # before the scale, the small entries were subnormal and lost up to all their digits
+    assert rel.max().item() <= 1.5e-3, f"worst relative error {rel.max().item():.3g} on normal float16 entries"
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_inplace_backward_writes_gradient_into_logits(backend, reduction):
     device, ctx = backend

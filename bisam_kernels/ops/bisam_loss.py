@@ -615,6 +615,18 @@ def _writable(z: torch.Tensor) -> bool:
     return True
 
 
+def _fuses_gradient(reduction: int, dtype: torch.dtype) -> bool:
+    """Whether the forward writes the gradient (mean / sum). Not for float16: its gradient must be
+    multiplied by grad_output (an AMP loss scale) before it is rounded, or small entries flush to zero;
+    float16 logits recompute the gradient in the backward instead (2 reads + 1 write)."""
+    return reduction != _NONE and dtype != torch.float16
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _forward_impl(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad, into_logits=False,
                   want_stats=False):
     """(loss, gradient or None, row statistics or None).
@@ -630,7 +642,8 @@ def _forward_impl(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want
             g = z if into_logits else _empty(z.shape, z.dtype, z.device)
         if want_stats:
             stats = _empty((2, z.shape[0]), torch.float32, z.device)
-        loss, g = _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, g, stats)
+        with _device_of(z):
+            loss, g = _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, g, stats)
         return loss, g, stats
     loss, g, stats = _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad,
                                         want_stats)
@@ -642,10 +655,10 @@ def _forward_impl(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want
 def _row_grad_impl(z, t, grad_rows, stats, phi, mu, alpha, ignore_index, out_scale):
     """Gradient of sum_i grad_rows[i] * l_i; stats: the forward's row statistics, or an empty tensor."""
     if _use_triton(z):
-        if stats.numel() == 0:
-            stats = None
-        return _triton_row_grad(_unit_col_stride(z), t.contiguous(), grad_rows, stats, phi, mu, alpha,
-                                ignore_index, out_scale)
+        stats = stats.contiguous() if stats.numel() else None  # the kernel indexes a dense (2, N) tensor
+        with _device_of(z):
+            return _triton_row_grad(_unit_col_stride(z), t.contiguous(), grad_rows, stats, phi, mu, alpha,
+                                    ignore_index, out_scale)
     row_scale = grad_rows.to(_compute_dtype(z.dtype))
     _, g, _, _ = _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, True, check=False)
     return g.to(z.dtype)
@@ -654,7 +667,8 @@ def _row_grad_impl(z, t, grad_rows, stats, phi, mu, alpha, ignore_index, out_sca
 def _scale_grad_impl(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
     """g *= go in place; returns a copy of go (the caller's go may be modified later, by gradcheck say)."""
     if _use_triton(g):
-        return _triton_scale_grad_(g, go)
+        with _device_of(g):
+            return _triton_scale_grad_(g, go)
     return _composite_scale_grad_(g, go)
 
 
@@ -702,7 +716,16 @@ def _backward_stored(ctx, grad_output):
         return _scaled(grad, grad_output)
     if ctx.first_grad_output is None:
         ctx.first_grad_output = _scale_grad_impl(grad, grad_output)
+        ctx.grad_version = grad._version
         return grad
+    if grad._version != ctx.grad_version:
+        # The first backward returned this very tensor (a leaf's .grad may be it): it has been changed
+        # since (accumulated into, zeroed, clipped), so it no longer holds this loss's gradient.
+        raise RuntimeError(
+            "bisam_loss: a repeated backward through the same graph (retain_graph=True) needs the gradient "
+            "the first backward returned unchanged, but it was modified in place (e.g. accumulated into "
+            ".grad or zeroed). Recompute the loss, or take repeated gradients with torch.autograd.grad."
+        )
     acc = _compute_dtype(grad.dtype)
     go, go0 = grad_output.to(acc), ctx.first_grad_output.to(acc)
     return _scaled(grad, torch.where(go == go0, torch.ones_like(go), go / go0))
@@ -730,10 +753,11 @@ class _BiSAMLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, into_logits):
-        fused = into_logits or reduction != _NONE
+        into_logits = into_logits and logits.dtype != torch.float16  # see _fuses_gradient
+        fused = into_logits or _fuses_gradient(reduction, logits.dtype)
         loss, grad, stats = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale,
                                           want_grad=fused, into_logits=into_logits, want_stats=not fused)
-        if into_logits:
+        if into_logits and grad is not None and grad.data_ptr() == logits.data_ptr():
             # The kernel overwrote the logits behind autograd's back: bump their version so that a node
             # that saved them (and would now read clobbered values) raises instead of going wrong.
             torch.autograd.graph.increment_version(logits)
@@ -766,8 +790,8 @@ def _op_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, aux). With fuse_grad (the logits will need a gradient), aux is the gradient of the reduced
     loss for mean / sum, and the (2, N) row statistics the backward uses for none; else empty."""
-    fused = fuse_grad and reduction != _NONE
-    stats_wanted = fuse_grad and reduction == _NONE
+    fused = fuse_grad and _fuses_gradient(reduction, logits.dtype)
+    stats_wanted = fuse_grad and not fused
     loss, grad, stats = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fused,
                                       want_stats=stats_wanted)
     aux = grad if fused else stats if stats_wanted else logits.new_empty((0,))
@@ -778,8 +802,8 @@ def _aux_meta(logits, fuse_grad, reduction):
     """(shape, dtype) of the forward operator's second output."""
     if not fuse_grad:
         return (0,), logits.dtype
-    if reduction == _NONE:
-        return (2, logits.shape[0]), _compute_dtype(logits.dtype)
+    if not _fuses_gradient(reduction, logits.dtype):
+        return (2, logits.shape[0]), _compute_dtype(logits.dtype)  # the row statistics
     return logits.shape, logits.dtype
 
 
@@ -793,7 +817,7 @@ def _op_forward_fake(logits, targets, phi, mu, alpha, ignore_index, reduction, o
 def _setup_op_forward(ctx, inputs, output):
     logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fuse_grad = inputs
     ctx.mark_non_differentiable(output[1])
-    _save(ctx, fuse_grad and reduction != _NONE, logits, targets, output[1], reduction,
+    _save(ctx, fuse_grad and _fuses_gradient(reduction, logits.dtype), logits, targets, output[1], reduction,
           (phi, mu, alpha, ignore_index, out_scale))
 
 
@@ -894,8 +918,8 @@ def bisam_loss(
         inplace_backward: write the gradient into the logits' buffer instead of a new tensor (saves the
             memory of one logits-sized tensor). The logits' *values* are clobbered by the call: nothing may
             read them afterwards (a graph node that saved them raises at backward, through the version
-            counter). Ignored under ``torch.compile``, when no gradient is needed, and for logits whose
-            elements share memory (an expanded tensor).
+            counter). Ignored under ``torch.compile``, when no gradient is needed, for float16 logits (see
+            below), and for logits whose elements share memory (an expanded tensor).
 
     A target outside ``[0, K)`` that is not ``ignore_index`` raises ``ValueError`` on the CPU; on CUDA it
     makes that row's loss and gradient NaN (checking on the host would need a synchronisation).
@@ -903,7 +927,10 @@ def bisam_loss(
     The loss has the logits' dtype and is differentiable with respect to the logits, once (no double
     backward). For mean / sum the gradient is computed with the loss and kept; ``backward`` scales it in
     place by the incoming gradient (no work when it is 1). A second backward through the same graph
-    (``retain_graph=True``) returns a new tensor scaled from the first factor: NaN if that factor was 0.
+    (``retain_graph=True``) returns a new tensor scaled from the first factor (NaN if that factor was 0),
+    and raises if the first backward's result was modified since (accumulated into ``.grad``, zeroed).
+    float16 logits instead recompute the gradient in the backward, after the incoming gradient (an AMP
+    loss scale) is known: a gradient rounded to float16 before the scale would flush to zero.
     """
     mu, alpha = _check_inputs(logits, targets, phi, mu, alpha, reduction, ignore_index)
     red = REDUCTIONS[reduction]
