@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -36,12 +38,24 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def _spawn(worker, tmp_path, *args):
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(worker, args=(init, *args), nprocs=WORLD, join=True)
+    mp.spawn(_run_rank, args=(worker, init, *args), nprocs=WORLD, join=True)
 
 
-def _init(rank: int, init: str) -> None:
+def _run_rank(rank: int, worker, init: str, *args) -> None:
+    """One rank: the process group around `worker(rank, *args)`. A failing check raises (the test
+    fails); after a pass both ranks meet at a barrier before tearing the group down, and the process
+    ends with os._exit: gloo's threads destroyed by C++ static destructors at interpreter exit have
+    been seen to abort a rank ('terminate called without an active exception') after its work."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        worker(rank, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _mlp(with_bn: bool = False) -> nn.Module:
@@ -95,39 +109,35 @@ def _per_replica_reference_step(model, opt, x, y):
     opt.zero_grad()
 
 
-def _ddp_worker(rank: int, init: str) -> None:
-    _init(rank, init)
-    try:
-        for with_bn in (False, True):
-            for synced in (False, True):
-                torch.manual_seed(0)
-                ref = _mlp(with_bn)
-                ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(ref))
-                opt = bk.BiSAM(ddp.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
-                ref_opt = bk.BiSAM(ref.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
-                what = f"DDP {'synchronised' if synced else 'per-replica'}{' + BN' if with_bn else ''}"
-                for step, (x, y) in enumerate(_batches(4, 2 * 10)):
-                    micro = 1 if with_bn else 2  # accumulation under DDP: no_sync until the last micro-batch
-                    xs, ys = _shard(x, rank), _shard(y, rank)
-                    bk.bisam_step(ddp, opt, xs, ys, sync_first_pass=synced, micro_batches=micro)
-                    _assert_same_on_all_ranks(list(ddp.parameters()), f"{what}, step {step}")
-                    if with_bn:
-                        continue  # per-rank batch statistics: no single-process equivalent
-                    if synced:
-                        bk.bisam_step(ref, ref_opt, x, y)
-                    else:
-                        _per_replica_reference_step(ref, ref_opt, x, y)
-                    for (name, p), q in zip(ddp.module.named_parameters(), ref.parameters()):
-                        err = _rel(p, q)
-                        assert err <= 1e-5, f"{what}, step {step}, {name}: relative error {err:.3g}"
-                if not with_bn:  # the two modes do differ (the test can tell them apart)
-                    flat = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
-                    if synced:
-                        assert _rel(flat, per_replica_flat) > 1e-4, "per-replica and synchronised runs coincide"
-                    else:
-                        per_replica_flat = flat
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int) -> None:
+    for with_bn in (False, True):
+        for synced in (False, True):
+            torch.manual_seed(0)
+            ref = _mlp(with_bn)
+            ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(ref))
+            opt = bk.BiSAM(ddp.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+            ref_opt = bk.BiSAM(ref.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+            what = f"DDP {'synchronised' if synced else 'per-replica'}{' + BN' if with_bn else ''}"
+            for step, (x, y) in enumerate(_batches(4, 2 * 10)):
+                micro = 1 if with_bn else 2  # accumulation under DDP: no_sync until the last micro-batch
+                xs, ys = _shard(x, rank), _shard(y, rank)
+                bk.bisam_step(ddp, opt, xs, ys, sync_first_pass=synced, micro_batches=micro)
+                _assert_same_on_all_ranks(list(ddp.parameters()), f"{what}, step {step}")
+                if with_bn:
+                    continue  # per-rank batch statistics: no single-process equivalent
+                if synced:
+                    bk.bisam_step(ref, ref_opt, x, y)
+                else:
+                    _per_replica_reference_step(ref, ref_opt, x, y)
+                for (name, p), q in zip(ddp.module.named_parameters(), ref.parameters()):
+                    err = _rel(p, q)
+                    assert err <= 1e-5, f"{what}, step {step}, {name}: relative error {err:.3g}"
+            if not with_bn:  # the two modes do differ (the test can tell them apart)
+                flat = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
+                if synced:
+                    assert _rel(flat, per_replica_flat) > 1e-4, "per-replica and synchronised runs coincide"
+                else:
+                    per_replica_flat = flat
 
 
 def test_ddp_per_replica_and_synchronised_first_pass(tmp_path):
@@ -153,36 +163,32 @@ def _groups(model: nn.Module, last_rho):
     return [{"params": rest}, {"params": last, "rho": last_rho}]
 
 
-def _fsdp_worker(rank: int, init: str) -> None:
+def _fsdp_worker(rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    _init(rank, init)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for base, kw, adaptive, last_rho, micro in FSDP_CONFIGS:
-            torch.manual_seed(0)
-            ref = _mlp()
-            model = copy.deepcopy(ref)
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            rho = 0.5 if adaptive else 0.1
-            opt = bk.BiSAM(_groups(model, last_rho), base, rho=rho, adaptive=adaptive, **kw)
-            ref_opt = bk.BiSAM(_groups(ref, last_rho), base, rho=rho, adaptive=adaptive, **kw)
-            what = f"FSDP2 {base.__name__} adaptive={adaptive} micro_batches={micro}"
-            for step, (x, y) in enumerate(_batches(4, 2 * 12)):
-                out = bk.bisam_step(model, opt, _shard(x, rank), _shard(y, rank), micro_batches=micro)
-                bk.bisam_step(ref, ref_opt, x, y)
-                assert torch.isfinite(out.loss)
-                for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                    full = p.full_tensor()
-                    err = _rel(full, q)
-                    assert err <= 1e-5, f"{what}, step {step}, {name}: relative error {err:.3g}"
-            local = [p.to_local() for p in model.parameters()]
-            assert sum(t.numel() for t in local) < sum(p.numel() for p in ref.parameters())  # really sharded
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for base, kw, adaptive, last_rho, micro in FSDP_CONFIGS:
+        torch.manual_seed(0)
+        ref = _mlp()
+        model = copy.deepcopy(ref)
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        rho = 0.5 if adaptive else 0.1
+        opt = bk.BiSAM(_groups(model, last_rho), base, rho=rho, adaptive=adaptive, **kw)
+        ref_opt = bk.BiSAM(_groups(ref, last_rho), base, rho=rho, adaptive=adaptive, **kw)
+        what = f"FSDP2 {base.__name__} adaptive={adaptive} micro_batches={micro}"
+        for step, (x, y) in enumerate(_batches(4, 2 * 12)):
+            out = bk.bisam_step(model, opt, _shard(x, rank), _shard(y, rank), micro_batches=micro)
+            bk.bisam_step(ref, ref_opt, x, y)
+            assert torch.isfinite(out.loss)
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                full = p.full_tensor()
+                err = _rel(full, q)
+                assert err <= 1e-5, f"{what}, step {step}, {name}: relative error {err:.3g}"
+        local = [p.to_local() for p in model.parameters()]
+        assert sum(t.numel() for t in local) < sum(p.numel() for p in ref.parameters())  # really sharded
 
 
 @pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) not available in this torch")
