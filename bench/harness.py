@@ -145,10 +145,10 @@ def measure(case: Case, device: str, min_time_s: float = 0.5, details: bool = Tr
 
 
 def add_ratios(rows: list[dict], fused: str, copy_bytes_per_s: float) -> list[dict]:
-    """Per workload: speedup of the fused impl over each other impl, and fraction of copy bandwidth."""
-    by_workload: dict[str, dict[str, dict]] = {}
+    """Per workload and dtype: speedup of the fused impl over each other impl, fraction of copy bandwidth."""
+    by_workload: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        by_workload.setdefault(r["workload"], {})[r["impl"]] = r
+        by_workload.setdefault((r["workload"], r.get("dtype")), {})[r["impl"]] = r
     for impls in by_workload.values():
         base = impls.get(fused)
         for r in impls.values():
