@@ -112,6 +112,49 @@ def test_restore_is_bit_exact_and_deterministic(device, dtype):
     assert torch.equal(sq1, sq2)
 
 
+def last_level_cache_bytes() -> int:
+    try:
+        return int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout)
+    except (OSError, ValueError):
+        return 0
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values in memory 4 bytes past a 16-byte boundary (a view at element offset 1)."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype)
+    base[1:] = t
+    return base[1:]
+
+
+def test_cpu_lists_past_the_cache_stream_with_the_same_results():
+    """CPU lists over a quarter of the last-level cache take the streaming-store path of
+    sam_perturb_cpu.cpp; its unaligned heads and odd tails must give the same results."""
+    llc = last_level_cache_bytes()
+    threshold = llc // 4 if llc > 0 else 8 << 20
+    if threshold > 1 << 30:
+        pytest.skip(f"a list over {threshold} bytes is too large for a test")
+    n = threshold // 4 + 4099
+    sizes = [7, n // 2, n - n // 2]
+    params, grads, backups = make_lists(sizes, torch.float32, "cpu")
+    params = [misaligned(p) for p in params]
+    backups = [misaligned(b) for b in backups]
+    assert all(p.data_ptr() % 16 == 4 for p in params + backups)
+    old = [p.clone() for p in params]
+    expected, _ = ref.sam_perturb_fp64(old, grads, 0.05, False)
+
+    bk.ops.sam_perturb_(params, grads, backups, 0.05)
+    assert all(torch.equal(b, o) for b, o in zip(backups, old))
+    assert perturbation_error(params, old, expected) < 1e-5
+    bk.ops.sam_restore_(params, backups)
+    assert all(torch.equal(p, o) for p, o in zip(params, old))
+
+    grads[1][5] = float("inf")  # skipped step: the backup copy alone
+    backups[2].fill_(float("nan"))
+    bk.ops.sam_perturb_(params, grads, backups, 0.05)
+    assert all(torch.equal(p, o) for p, o in zip(params, old))
+    assert all(torch.equal(b, o) for b, o in zip(backups, old))
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_norm_skips_the_step(device, bad):
     params, grads, backups = make_lists([100, 17], torch.float16, device)
