@@ -90,6 +90,26 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
     return "\n".join(lines)
 
 
+_COLORS = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green",
+           "passes": "tab:purple", "sgd": "tab:gray"}
+
+
+def _grouped_bars(ax, rows, keys, impls, value, label) -> None:
+    """One group of horizontal bars per (workload, dtype) key, centred on its row index; value(row)
+    gives a bar's length or None for no bar."""
+    height = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        ys, xs = [], []
+        for j, key in enumerate(keys):
+            r = next((r for r in rows if (r["workload"], r.get("dtype", "")) == key and r["impl"] == impl), None)
+            x = value(r) if r is not None else None
+            if x is not None:
+                ys.append(j - 0.4 + (k + 0.5) * height)
+                xs.append(x)
+        if xs:
+            ax.barh(ys, xs, height=height, label=label(impl), color=_COLORS.get(impl))
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -97,37 +117,19 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted({(r["workload"], r.get("dtype", "")) for r in rows})
-    colors = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green",
-              "passes": "tab:purple", "sgd": "tab:gray"}
-    impls = [i for i in colors if i != FUSED and any(r["impl"] == i for r in rows)]
-    fig, (ax_speed, ax_bw) = plt.subplots(1, 2, figsize=(14, 0.5 * len(keys) + 3))
-    labels = [f"{w} ({d})" if d else w for w, d in keys]
-    height = 0.8 / max(1, len(impls))
-    for k, impl in enumerate(impls):
-        ys, xs = [], []
-        for j, key in enumerate(keys):
-            r = next((r for r in rows if (r["workload"], r.get("dtype", "")) == key and r["impl"] == impl), None)
-            if r is not None and "fused_speedup" in r:
-                ys.append(j + k * height)
-                xs.append(r["fused_speedup"])
-        ax_speed.barh(ys, xs, height=height, label=f"vs {impl}", color=colors.get(impl))
+    impls = [i for i in _COLORS if i != FUSED and any(r["impl"] == i for r in rows)]
+    fig, (ax_speed, ax_bw) = plt.subplots(1, 2, figsize=(14, 0.6 * len(keys) + 3), sharey=True)
+    _grouped_bars(ax_speed, rows, keys, impls, lambda r: r.get("fused_speedup"), lambda impl: f"vs {impl}")
     ax_speed.axvline(1.0, color="black", linewidth=0.8)
     ax_speed.set_xscale("log")
-    ax_speed.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))], labels)
+    ax_speed.set_yticks(range(len(keys)), [f"{w} ({d})" if d else w for w, d in keys])
+    ax_speed.invert_yaxis()
     ax_speed.set_xlabel("speedup of the fused implementation (x, log scale)")
     ax_speed.legend()
-    all_impls = [FUSED] + impls
-    height = 0.8 / len(all_impls)
-    for k, impl in enumerate(all_impls):
-        ys, xs = [], []
-        for j, key in enumerate(keys):
-            r = next((r for r in rows if (r["workload"], r.get("dtype", "")) == key and r["impl"] == impl), None)
-            if r is not None and r["floor_bytes"]:
-                ys.append(j + k * height)
-                xs.append(100 * r["fraction_of_copy_bw"])
-        if xs:  # implementations without a byte floor (the training step) have no bandwidth
-            ax_bw.barh(ys, xs, height=height, label=impl, color=colors.get(impl))
-    ax_bw.set_yticks([j + 0.4 - height / 2 for j in range(len(keys))], [""] * len(keys))
+    # Implementations without a byte floor (the training step) have no bandwidth bar.
+    _grouped_bars(ax_bw, rows, keys, [FUSED] + impls,
+                  lambda r: 100 * r["fraction_of_copy_bw"] if r["floor_bytes"] else None, lambda impl: impl)
+    ax_bw.axvline(100.0, color="black", linewidth=0.8)
     ax_bw.set_xlabel("achieved bandwidth on the floor bytes, % of measured copy bandwidth")
     ax_bw.legend()
     fig.suptitle(title)
