@@ -197,6 +197,41 @@ def test_launcher_forward_with_and_without_gradient(phi, K):
     torch.testing.assert_close(loss_only, loss, rtol=0, atol=0, equal_nan=True)
 
 
+def test_reduction_partition_covers_every_value():
+    """Slabs are whole blocks, cover n, number at most _MAX_PARTIALS; small n is one program."""
+    for n in [0, 1, M._REDUCE_SLAB, M._REDUCE_SLAB + 1, 10**6, M._REDUCE_SLAB * M._MAX_PARTIALS + 1, 2**31 - 1]:
+        per, programs = M._partition(n)
+        assert per % M._REDUCE_BLOCK == 0 and per >= M._REDUCE_SLAB
+        assert 1 <= programs <= M._MAX_PARTIALS and per * programs >= n and per * (programs - 1) < max(n, 1)
+    assert M._partition(M._REDUCE_SLAB) == (M._REDUCE_SLAB, 1)
+
+
+@needs_kernels
+def test_two_stage_count_and_reduce():
+    """N past one slab: per-slab partial counts and sums, then one program; fixed order, same bits twice."""
+    n = 2 * M._REDUCE_SLAB + 777
+    assert M._partition(n)[1] == 3
+    values = torch.randn(n, dtype=torch.float64).to(torch.float32).to(KERNEL_DEVICE)
+    t = torch.randint(0, 5, (n,))
+    t[torch.rand(n) < 0.3] = IGNORE
+    count = M._triton_count(t.to(KERNEL_DEVICE), IGNORE)
+    assert count.item() == (t != IGNORE).sum().item()
+    total = M._triton_reduce(values, None, torch.float32)
+    mean = M._triton_reduce(values, count, torch.float32)
+    expected = values.double().sum().item()
+    assert total.shape == () and abs(total.item() - expected) <= 1e-5 * values.double().abs().sum().item()
+    assert abs(mean.item() - expected / count.item()) <= 1e-5 * values.double().abs().mean().item()
+    assert torch.equal(M._triton_reduce(values, None, torch.float32), total)
+
+
+@needs_kernels
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_many_rows_reduce_in_two_stages(reduction):
+    """The whole loss with N past one reduction slab (per-pixel-like losses) against the reference."""
+    z, t = make_inputs(M._REDUCE_SLAB + 4099, 2, KERNEL_DEVICE)
+    check(z, t, Route(True), phi="log", reduction=reduction, ignore_index=IGNORE)
+
+
 @needs_kernels
 def test_launcher_configs_are_the_aot_compiled_ones():
     """Every tile the launcher can pick is in kernel_configs() (compiled ahead of time in test_triton_aot)."""

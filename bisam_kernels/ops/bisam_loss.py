@@ -224,28 +224,35 @@ if triton is not None:
                     store = row_ok[:, None] & in_k
                     tl.store(g_rows[:, None] + kc[None, :], g.to(g_ptr.dtype.element_ty), mask=store)
 
+    # Reductions over the rows run in two stages when N is large (_partition): per-program partial sums
+    # of fixed slabs, then one program over the partials. Both orders are fixed: deterministic.
     @triton.jit(do_not_specialize=["ignore_index"])
-    def _count_kernel(t_ptr, count_ptr, N, ignore_index, BLOCK: tl.constexpr):
-        """count[0] = number of targets != ignore_index, as float32 (one program)."""
+    def _count_kernel(t_ptr, count_ptr, N, per_program, ignore_index, BLOCK: tl.constexpr):
+        """count[p] = number of targets != ignore_index in slab p (per_program targets), as float32."""
+        start = tl.program_id(0).to(tl.int64) * per_program
+        n_here = tl.minimum(N - start, per_program)
         acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for n0 in range(0, N, BLOCK):
+        for n0 in range(0, n_here, BLOCK):
             offs = n0 + tl.arange(0, BLOCK)
-            t = tl.load(t_ptr + offs, mask=offs < N, other=ignore_index)
+            t = tl.load(t_ptr + start + offs, mask=offs < n_here, other=ignore_index)
             acc += (t != ignore_index).to(tl.int32)
-        tl.store(count_ptr, tl.sum(acc, axis=0).to(tl.float32))
+        tl.store(count_ptr + tl.program_id(0), tl.sum(acc, axis=0).to(tl.float32))
 
     @triton.jit(do_not_specialize=["divide"])
-    def _reduce_kernel(rows_ptr, count_ptr, out_ptr, N, divide, BLOCK: tl.constexpr):
-        """out[0] = sum(rows) (/ count[0] when divide), in a fixed order (one program, deterministic)."""
+    def _reduce_kernel(rows_ptr, count_ptr, out_ptr, N, per_program, divide, BLOCK: tl.constexpr):
+        """out[p] = sum of slab p of rows (per_program values), in a fixed order; divided by count[0]
+        when divide (the last stage: one program)."""
+        start = tl.program_id(0).to(tl.int64) * per_program
+        n_here = tl.minimum(N - start, per_program)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK):
+        for n0 in range(0, n_here, BLOCK):
             offs = n0 + tl.arange(0, BLOCK)
-            acc += tl.load(rows_ptr + offs, mask=offs < N, other=0.0)
+            acc += tl.load(rows_ptr + start + offs, mask=offs < n_here, other=0.0)
         total = tl.sum(acc, axis=0)
         if divide != 0:  # the mean over no rows is NaN, as F.cross_entropy's
             count = tl.load(count_ptr)
             total = tl.where(count > 0, total / tl.maximum(count, 1.0), float("nan"))
-        tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + tl.program_id(0), total.to(out_ptr.dtype.element_ty))
 
     @triton.jit(do_not_specialize=["go_stride"])
     def _scale_grad_kernel(g_ptr, g_stride, go_ptr, go_stride, copy_ptr, N, K, ROWS: tl.constexpr,
@@ -279,6 +286,8 @@ _SINGLE_PASS_MAX_K = 8192  # rows up to this width are read once (kept in regist
 _TILE = 2048  # elements per program for narrow rows: ROWS = _TILE // BLOCK_K
 _CHUNK = 4096  # column chunk of the two-pass kernel for wider rows
 _REDUCE_BLOCK = 1024
+_REDUCE_SLAB = 32 * _REDUCE_BLOCK  # values one reduction program sums, at least
+_MAX_PARTIALS = 1024  # programs of a reduction's first stage, at most (its second stage: one program)
 _SCALE_TILES = ((128, 16), (16, 128), (4, 1024))  # (ROWS, BLOCK_K) of the in-place scaling kernel
 
 
@@ -334,10 +343,12 @@ def _arg_types(kernel: str, d: str, t: str) -> tuple[dict, list[str]]:
         aligned = ["z_ptr", "t_ptr", "g_ptr", "loss_ptr", "scale_ptr", "stats_ptr", "out_ptr", "z_stride", "g_stride", "K"]
         return types, aligned
     if kernel == "_count_kernel":
-        return {"t_ptr": f"*{t}", "count_ptr": "*fp32", "N": "i32", "ignore_index": "i32"}, ["t_ptr", "count_ptr"]
+        types = {"t_ptr": f"*{t}", "count_ptr": "*fp32", "N": "i32", "per_program": "i32", "ignore_index": "i32"}
+        return types, ["t_ptr", "count_ptr", "per_program"]
     if kernel == "_reduce_kernel":
-        types = {"rows_ptr": "*fp32", "count_ptr": "*fp32", "out_ptr": f"*{d}", "N": "i32", "divide": "i32"}
-        return types, ["rows_ptr", "count_ptr", "out_ptr"]
+        types = {"rows_ptr": "*fp32", "count_ptr": "*fp32", "out_ptr": f"*{d}", "N": "i32", "per_program": "i32",
+                 "divide": "i32"}
+        return types, ["rows_ptr", "count_ptr", "out_ptr", "per_program"]
     types = {"g_ptr": f"*{d}", "g_stride": "i32", "go_ptr": f"*{d}", "go_stride": "i32", "copy_ptr": f"*{d}",
              "N": "i32", "K": "i32"}
     return types, ["g_ptr", "go_ptr", "copy_ptr", "g_stride", "K"]
@@ -391,16 +402,33 @@ def _launch_main(z, t, g, loss_rows, scale, scale_stride, scale_mode, stats, sta
         int(write_grad), finalize, PHI=phi, num_warps=num_warps, **cfg)
 
 
+def _partition(n: int) -> tuple[int, int]:
+    """(values per program, programs) of a reduction over n values: one program up to _REDUCE_SLAB, else
+    at most _MAX_PARTIALS slabs whose partial sums a second one-program stage adds. A function of n
+    alone, so the bits do not depend on the GPU; slabs are whole blocks."""
+    per = max(_REDUCE_SLAB, triton.cdiv(triton.cdiv(n, _MAX_PARTIALS), _REDUCE_BLOCK) * _REDUCE_BLOCK)
+    return per, max(1, triton.cdiv(n, per))
+
+
 def _triton_count(t: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    count = _empty((1,), torch.float32, t.device)
-    _count_kernel[(1,)](t, count, t.numel(), int(ignore_index), BLOCK=_REDUCE_BLOCK, num_warps=4)
-    return count
+    """Number of targets != ignore_index, as a float32 tensor on t's device."""
+    per, programs = _partition(t.numel())
+    counts = _empty((programs,), torch.float32, t.device)
+    _count_kernel[(programs,)](t, counts, t.numel(), per, int(ignore_index), BLOCK=_REDUCE_BLOCK, num_warps=4)
+    return counts if programs == 1 else _triton_reduce(counts, None, torch.float32)
 
 
-def _triton_reduce(loss_rows: torch.Tensor, count: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    out = _empty((), dtype, loss_rows.device)
+def _triton_reduce(values: torch.Tensor, count: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """sum(values) (/ count[0] when count is given) as a 0-dim tensor of dtype."""
+    per, programs = _partition(values.numel())
+    if programs > 1:
+        partials = _empty((programs,), torch.float32, values.device)
+        _reduce_kernel[(programs,)](values, values, partials, values.numel(), per, 0, BLOCK=_REDUCE_BLOCK,
+                                    num_warps=4)
+        return _triton_reduce(partials, count, dtype)
+    out = _empty((), dtype, values.device)
     divide = count is not None
-    _reduce_kernel[(1,)](loss_rows, count if divide else loss_rows, out, loss_rows.numel(), int(divide),
+    _reduce_kernel[(1,)](values, count if divide else values, out, values.numel(), per, int(divide),
                          BLOCK=_REDUCE_BLOCK, num_warps=4)
     return out
 
