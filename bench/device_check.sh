@@ -3,7 +3,8 @@
 #   bash bench/device_check.sh "$OUT"
 # builds the extension with nvcc, runs the GPU tests, runs the benchmarks, writes logs and results
 # into OUT_DIR and prints a short table last. It never changes GPU clocks or settings (read-only
-# nvidia-smi queries only). Budget: under 8 minutes on one H200.
+# nvidia-smi queries only). Budget: at most 9 minutes on one H200 (build ~1.5, tests <= 2.5, benchmarks
+# 3.5 plus the case running then, 1.5 at most); BISAM_TEST_SECONDS and BISAM_BENCH_SECONDS change it.
 set -uo pipefail
 out="${1:-${OUT:-}}"
 if [ -z "$out" ]; then
@@ -34,20 +35,24 @@ fi
 grep -o -- "-gencode=[^ ]*" "$out/build.log" | sort -u
 
 stage "tests"
-# The CUDA tests and everything else that runs quickly here; a time limit keeps the budget.
-timeout 240 "$py" -m pytest python_tests -q -p no:cacheprovider --junitxml="$out/tests.xml" \
-  >"$out/tests.log" 2>&1
+# The suites with GPU cases (CUDA ops, Triton kernels on CUDA tensors, the optimizer on CUDA); the
+# CPU-only ones (AOT compilation, CMake build, gloo, the example) run in CI. A time limit keeps the budget.
+timeout "${BISAM_TEST_SECONDS:-150}" "$py" -m pytest python_tests/test_sam_perturb.py \
+  python_tests/test_bisam_loss.py python_tests/test_optim.py -q -p no:cacheprovider \
+  --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$out/tests.log"
 
 stage "benchmarks"
-# Results are written after every case and the torch.compile baselines run last, so a run cut
-# short by the limit still leaves every other row in $out/results.
-timeout 300 "$py" -m bench.run --out "$out/results" >"$out/bench.log" 2>&1
+# The runner measures the workloads the targets are read from first, starts no case after its time
+# budget and writes the results after every case; the outer limit only guards a case that hangs.
+budget="${BISAM_BENCH_SECONDS:-210}"
+timeout "$((budget + 90))" "$py" -m bench.run --out "$out/results" --time-budget "$budget" \
+  >"$out/bench.log" 2>&1
 bench_rc=$?
 
 stage "done"
 echo "tests exit code: $tests_rc   benchmarks exit code: $bench_rc"
 # The short table last: the end of the benchmark output.
-tail -n 40 "$out/bench.log"
+tail -n 100 "$out/bench.log"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,10 +1,12 @@
-"""The runner's bookkeeping: ratios compare implementations of the same workload and dtype."""
+"""The runner's bookkeeping: ratios compare implementations of the same workload and dtype; the
+target workloads come first and a time budget skips (and records) what it leaves out."""
 
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import harness  # noqa: E402
+from bench import harness, run  # noqa: E402
 
 
 def row(impl, dtype, seconds):
@@ -18,3 +20,20 @@ def test_ratios_pair_rows_of_the_same_dtype():
     harness.add_ratios(rows, "fused", copy_bytes_per_s=1e9)
     assert [r["fused_speedup"] for r in rows] == [1.0, 3.0, 1.0, 4.0]
     assert rows[1]["fraction_of_copy_bw"] == rows[1]["achieved_gbps"]
+
+
+def test_target_workloads_and_then_their_compiled_baselines_come_first():
+    cases = run.collect_cases("cpu", quick=False, compiled=True)
+    keys = [(c.workload not in run.TARGET_WORKLOADS, c.impl == "compiled") for c in cases]
+    assert keys == sorted(keys) and keys[0] == (False, False) and (True, True) in keys
+    assert {c.workload for c in cases if c.workload in run.TARGET_WORKLOADS} >= {"sam_resnet56", "sam_vit_b16"}
+
+
+def test_time_budget_skips_the_remaining_cases_and_records_them(tmp_path, capsys):
+    assert run.main(["--quick", "--no-compiled", "--time-budget", "0", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["rows"] == []
+    assert "sam_resnet56 float32 fused" in result["skipped_for_time"]
+    assert len(result["skipped_for_time"]) == len(run.collect_cases("cpu", quick=True, compiled=False))
+    assert "not measured (time budget of 0 s spent)" in capsys.readouterr().out
