@@ -172,7 +172,8 @@ __attribute__((target("avx2"))) void chunk_perturb_avx2(
   chunk_perturb<scalar_t, Adaptive>(w, g, backup, n, scale, stream);
 }
 
-const bool cpu_has_avx2 = __builtin_cpu_supports("avx2");
+// __builtin_cpu_init first: this initialiser may run before the one that fills the CPU model.
+const bool cpu_has_avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
 #endif
 
 template <typename scalar_t, bool Adaptive>
