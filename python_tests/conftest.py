@@ -8,6 +8,30 @@ if not torch.cuda.is_available():
     # No GPU: run the Triton kernels through the interpreter (DESIGN.md section 5).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_old_triton_interpreter():
+    """Triton < 3.8's interpreter turns a scalar (a 1-element array) into an index with int(array), a
+    TypeError since NumPy 2.4 (triton-lang/triton#9171): every range() bounded by a kernel argument
+    fails. Re-set __index__ as Triton 3.8 does (int(array.squeeze())), after the interpreter's own."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_old_triton_interpreter()
+
 import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
