@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,47 +113,62 @@ def test_restore_is_bit_exact_and_deterministic(device, dtype):
     assert torch.equal(sq1, sq2)
 
 
-def last_level_cache_bytes() -> int:
-    try:
-        return int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout)
-    except (OSError, ValueError):
-        return 0
-
-
-def misaligned(t: torch.Tensor) -> torch.Tensor:
-    """The same values in memory 4 bytes past a 16-byte boundary (a view at element offset 1)."""
+CPU_PATHS_SCRIPT = r"""
+import sys, torch, bisam_kernels as bk
+torch.manual_seed(0)
+def misaligned(t):  # the same values 2 or 4 bytes past a 16-byte boundary
     base = torch.empty(t.numel() + 1, dtype=t.dtype)
     base[1:] = t
     return base[1:]
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    for adaptive in (False, True):
+        sizes = [0, 1, 7, 31, 33, 255, 513, 16383, 16385, 40001]
+        params = [misaligned(torch.randn(n).to(dtype)) if i % 2 else torch.randn(n).to(dtype)
+                  for i, n in enumerate(sizes)]
+        grads = [torch.randn(n).to(dtype) for n in sizes]
+        backups = [misaligned(torch.full((n,), float("nan")).to(dtype)) if i % 3 else torch.empty(n, dtype=dtype)
+                   for i, n in enumerate(sizes)]
+        old = [p.clone() for p in params]
+        key = f"{dtype}-{adaptive}"
+        out[key + "-norm"] = bk.ops.sam_perturb_(params, grads, backups, 0.05, adaptive=adaptive)
+        out[key + "-sq"] = bk.ops.grad_sq_norm(grads, params, adaptive=adaptive)
+        out[key + "-perturbed"] = [p.clone() for p in params]
+        assert all(torch.equal(b, o) for b, o in zip(backups, old)), "backups must hold the old weights"
+        bk.ops.sam_restore_(params, backups)
+        assert all(torch.equal(p, o) for p, o in zip(params, old)), "restore must be bit-exact"
+        grads[-1][5] = float("inf")  # a skipped step: the backup copy alone
+        for b in backups:
+            b.fill_(float("nan"))
+        bk.ops.sam_perturb_(params, grads, backups, 0.05, adaptive=adaptive)
+        assert all(torch.equal(p, o) for p, o in zip(params, old)), "a skipped step leaves the weights"
+        assert all(torch.equal(b, o) for b, o in zip(backups, old)), "a skipped step still writes backups"
+torch.save(out, sys.argv[1])
+"""
 
 
-def test_cpu_lists_past_the_cache_stream_with_the_same_results():
-    """CPU lists over a quarter of the last-level cache take the streaming-store path of
-    sam_perturb_cpu.cpp; its unaligned heads and odd tails must give the same results."""
-    llc = last_level_cache_bytes()
-    threshold = llc // 4 if llc > 0 else 8 << 20
-    if threshold > 1 << 30:
-        pytest.skip(f"a list over {threshold} bytes is too large for a test")
-    n = threshold // 4 + 4099
-    sizes = [7, n // 2, n - n // 2]
-    params, grads, backups = make_lists(sizes, torch.float32, "cpu")
-    params = [misaligned(p) for p in params]
-    backups = [misaligned(b) for b in backups]
-    assert all(p.data_ptr() % 16 == 4 for p in params + backups)
-    old = [p.clone() for p in params]
-    expected, _ = ref.sam_perturb_fp64(old, grads, 0.05, False)
-
-    bk.ops.sam_perturb_(params, grads, backups, 0.05)
-    assert all(torch.equal(b, o) for b, o in zip(backups, old))
-    assert perturbation_error(params, old, expected) < 1e-5
-    bk.ops.sam_restore_(params, backups)
-    assert all(torch.equal(p, o) for p, o in zip(params, old))
-
-    grads[1][5] = float("inf")  # skipped step: the backup copy alone
-    backups[2].fill_(float("nan"))
-    bk.ops.sam_perturb_(params, grads, backups, 0.05)
-    assert all(torch.equal(p, o) for p, o in zip(params, old))
-    assert all(torch.equal(b, o) for b, o in zip(backups, old))
+def test_cpu_streaming_stores_and_avx2_give_the_same_bits(tmp_path):
+    """The CPU kernels have a streaming-store path (lists past a quarter of the last-level cache) and an
+    AVX2 build of their loops. Forced on and off through their environment switches, every combination
+    must give the same bits (norms, perturbed weights) and exact backups / restores / skipped steps,
+    on unaligned heads and odd tails."""
+    script = tmp_path / "paths.py"
+    script.write_text(CPU_PATHS_SCRIPT)
+    results = {}
+    for streaming in ("0", str(1 << 62)):
+        for capability in ("default", "avx2"):
+            env = dict(os.environ, BISAM_CPU_STREAMING_BYTES=streaming, BISAM_CPU_CAPABILITY=capability)
+            path = tmp_path / f"{streaming}-{capability}.pt"
+            proc = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            results[(streaming, capability)] = torch.load(path)
+    first, *others = results.values()
+    for other in others:
+        assert first.keys() == other.keys()
+        for key in first:
+            a, b = first[key], other[key]
+            pairs = zip(a, b) if isinstance(a, list) else [(a, b)]
+            assert all(torch.equal(x, y) for x, y in pairs), key
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])

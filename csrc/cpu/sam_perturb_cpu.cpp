@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if __has_include(<unistd.h>)
@@ -65,8 +66,10 @@ scalar_t* data_at(const at::Tensor& t, const Chunk& c) {
 // the restore's. A backup is read only after a forward and backward pass, and the optimizer step that
 // follows a restore reads the weights with the gradients and its own state (about four times the
 // weights' bytes), so neither is still cached by then unless that fits in the last-level cache.
+// BISAM_CPU_STREAMING_BYTES overrides the threshold (0: always stream), for tests and tuning.
 bool streams_past_cache(int64_t bytes) {
   static const int64_t threshold = [] {
+    if (const char* env = std::getenv("BISAM_CPU_STREAMING_BYTES")) return static_cast<int64_t>(std::atoll(env));
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
     if (llc > 0) return static_cast<int64_t>(llc) / 4;
@@ -111,7 +114,8 @@ void fence_streaming_stores() {
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define BISAM_CPU_AVX2 1
 #define BISAM_INLINE __attribute__((always_inline)) inline
-#define BISAM_PREFETCH(address) __builtin_prefetch(address)
+// An integer address: the prefetch may point past the end of the tensor (harmless; no pointer arithmetic).
+#define BISAM_PREFETCH(address) __builtin_prefetch(reinterpret_cast<const void*>(address))
 #else
 #define BISAM_INLINE inline
 #define BISAM_PREFETCH(address)
@@ -124,8 +128,8 @@ BISAM_INLINE at::opmath_type<scalar_t> chunk_sq_sum(const scalar_t* g, const sca
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int64_t line = 0; line < kLanes * int64_t{sizeof(scalar_t)}; line += 64) {
-      BISAM_PREFETCH(reinterpret_cast<const char*>(g + i) + kPrefetchBytes + line);
-      if (Adaptive) BISAM_PREFETCH(reinterpret_cast<const char*>(w + i) + kPrefetchBytes + line);
+      BISAM_PREFETCH(reinterpret_cast<uintptr_t>(g + i) + kPrefetchBytes + line);
+      if (Adaptive) BISAM_PREFETCH(reinterpret_cast<uintptr_t>(w + i) + kPrefetchBytes + line);
     }
     for (int j = 0; j < kLanes; ++j) {
       acc_t x = static_cast<acc_t>(g[i + j]);
@@ -173,7 +177,13 @@ __attribute__((target("avx2"))) void chunk_perturb_avx2(
 }
 
 // __builtin_cpu_init first: this initialiser may run before the one that fills the CPU model.
-const bool cpu_has_avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+// BISAM_CPU_CAPABILITY=default keeps the baseline build (the tests compare the two bit for bit).
+const bool cpu_has_avx2 = [] {
+  const char* env = std::getenv("BISAM_CPU_CAPABILITY");
+  if (env && std::strcmp(env, "default") == 0) return false;
+  __builtin_cpu_init();
+  return static_cast<bool>(__builtin_cpu_supports("avx2"));
+}();
 #endif
 
 template <typename scalar_t, bool Adaptive>
