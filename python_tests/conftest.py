@@ -14,11 +14,16 @@ def _patch_old_triton_interpreter():
     TypeError since NumPy 2.4 (triton-lang/triton#9171): every range() bounded by a kernel argument
     fails. Re-set __index__ as Triton 3.8 does (int(array.squeeze())), after the interpreter's own."""
     try:
+        import numpy
         import triton
         from triton.runtime import interpreter
     except ImportError:
         return
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8):
+    version = lambda text: tuple(int(x) for x in text.split(".")[:2])  # noqa: E731
+    # Only where the bug bites, and only for the interpreters whose hook this wraps (3.x with scopes).
+    if version(triton.__version__) >= (3, 8) or version(numpy.__version__) < (2, 4):
+        return
+    if not hasattr(interpreter, "_LangPatchScope"):
         return
     original = interpreter._patch_lang_tensor
 

@@ -83,9 +83,10 @@ def markdown(results: list[dict]) -> str:
 def test_every_kernel_configuration_compiles_for_sm90(tmp_path):
     triton = pytest.importorskip("triton")
     # No spills with Triton >= 3.8 (pinned). Triton 3.6 (its code generation and bundled ptxas 12.8)
-    # spills 24 bytes in one configuration (two-pass, PHI=1, 16 warps, fp32/i32 unaligned): stored in
-    # the prologue and reloaded between the two column loops, outside both; tolerated there.
-    max_stack = 0 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8) else 32
+    # spills 24 bytes in this one configuration: stored in the prologue and reloaded between the two
+    # column loops, outside both; tolerated there, for it alone.
+    old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
+    tolerated = "_bisam_loss_kernel[ROWS=1, BLOCK_K=4096, SINGLE=False, PHI=1, warps=16] fp32/i32 unaligned"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a fresh cache: the compiler really runs
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +99,7 @@ def test_every_kernel_configuration_compiles_for_sm90(tmp_path):
     assert [r["label"] for r in results] == [s["label"] for s in module.aot_specializations()]
     for r in results:
         if r["regs"] is not None:
+            max_stack = 32 if old_triton and r["label"] == tolerated else 0
             assert r["local"] == 0 and r["stack"] <= max_stack, f"{r['label']} spills: {r}"
             assert 0 < r["regs"] <= 255
 

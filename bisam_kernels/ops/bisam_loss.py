@@ -405,7 +405,7 @@ def _launch_main(z, t, g, loss_rows, scale, scale_stride, scale_mode, stats, sta
 def _partition(n: int) -> tuple[int, int]:
     """(values per program, programs) of a reduction over n values: one program up to _REDUCE_SLAB, else
     at most _MAX_PARTIALS slabs whose partial sums a second one-program stage adds. A function of n
-    alone, so the bits do not depend on the GPU; slabs are whole blocks."""
+    alone, so the bits do not depend on the number of SMs; slabs are whole blocks."""
     per = max(_REDUCE_SLAB, triton.cdiv(triton.cdiv(n, _MAX_PARTIALS), _REDUCE_BLOCK) * _REDUCE_BLOCK)
     return per, max(1, triton.cdiv(n, per))
 
