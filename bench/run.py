@@ -19,7 +19,9 @@ import subprocess
 import sys
 import time
 
-import torch
+PROCESS_START = time.monotonic()  # --time-budget counts from here: imports and set-up included
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -131,13 +133,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax_speed.set_yticks(range(len(keys)), [f"{w} ({d})" if d else w for w, d in keys])
     ax_speed.invert_yaxis()
     ax_speed.set_xlabel("speedup of the fused implementation (x, log scale)")
-    ax_speed.legend()
     # Implementations without a byte floor (the training step) have no bandwidth bar.
     _grouped_bars(ax_bw, rows, keys, [FUSED] + impls,
                   lambda r: 100 * r["fraction_of_copy_bw"] if r["floor_bytes"] else None, lambda impl: impl)
     ax_bw.axvline(100.0, color="black", linewidth=0.8)
     ax_bw.set_xlabel("achieved bandwidth on the floor bytes, % of measured copy bandwidth")
-    ax_bw.legend()
+    for ax in (ax_speed, ax_bw):
+        if ax.get_legend_handles_labels()[0]:  # a run cut short may have no baseline row yet
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
                         help="include torch.compile baselines (default: on the GPU, and on the CPU unless --quick)")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timing per case")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds: start no case after this (the rest are listed as skipped_for_time)")
+                        help="seconds since the process started: start no case after this (the rest are listed "
+                             "as skipped_for_time, as they are after an interrupt)")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
@@ -180,26 +184,36 @@ def main(argv=None) -> int:
         "skipped_for_time": [],
     }
     rows = result["rows"]
-    started = time.monotonic()
-    for case in tqdm(collect_cases(device, args.quick, compiled), desc=f"benchmarks on {device}", unit="case"):
-        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
-            result["skipped_for_time"].append(f"{case.workload} {case.params.get('dtype', '')} {case.impl}".strip())
-            continue
-        rows.append(harness.measure(case, device, min_time_s=min_time))
-        harness.add_ratios(rows, FUSED, copy_bps)
-        add_step_overhead(rows)
-        with open(stem + ".json", "w") as f:  # after every case: a run cut short keeps what it measured
+    cases = collect_cases(device, args.quick, compiled)
+
+    def save() -> None:
+        # One row per measured case, in order: the rest were not measured.
+        result["skipped_for_time"] = [f"{c.workload} {c.params.get('dtype', '')} {c.impl}".strip()
+                                      for c in cases[len(rows):]]
+        with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=2)
+
+    interrupted = False
+    try:
+        for case in tqdm(cases, desc=f"benchmarks on {device}", unit="case"):
+            if args.time_budget is not None and time.monotonic() - PROCESS_START > args.time_budget:
+                break
+            rows.append(harness.measure(case, device, min_time_s=min_time))
+            harness.add_ratios(rows, FUSED, copy_bps)
+            add_step_overhead(rows)
+            save()  # after every case: a run killed outright keeps what it measured
+    except KeyboardInterrupt:  # SIGINT, e.g. bench/device_check.sh's time limit: report what was measured
+        interrupted = True
+    save()
     title = f"bisam_kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}), {now.date()}"
     if rows:
         plot(rows, stem + ".png", title)
     print(format_table(rows, copy_bps / 1e9))
     if result["skipped_for_time"]:
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"not measured (time budget of {args.time_budget:g} s spent): " + ", ".join(result["skipped_for_time"]))
+        reason = "interrupted" if interrupted else f"time budget of {args.time_budget:g} s spent"
+        print(f"not measured ({reason}): " + ", ".join(result["skipped_for_time"]))
     print(f"results: {os.path.relpath(stem, ROOT)}.json" + (" and .png" if rows else ""))
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -37,3 +37,30 @@ def test_time_budget_skips_the_remaining_cases_and_records_them(tmp_path, capsys
     assert "sam_resnet56 float32 fused" in result["skipped_for_time"]
     assert len(result["skipped_for_time"]) == len(run.collect_cases("cpu", quick=True, compiled=False))
     assert "not measured (time budget of 0 s spent)" in capsys.readouterr().out
+
+
+def test_gpu_case_list_holds_every_target_workload():
+    """The GPU run (built here without a GPU) measures every workload the targets are read from, first."""
+    cases = run.collect_cases("cuda", quick=False, compiled=True)
+    targets = [c for c in cases if c.workload in run.TARGET_WORKLOADS]
+    assert {c.workload for c in targets} == run.TARGET_WORKLOADS
+    assert cases[: len(targets)] == targets
+
+
+def test_interrupt_keeps_the_measured_rows_and_lists_the_rest(tmp_path, monkeypatch, capsys):
+    measure = harness.measure
+    calls = []
+
+    def measure_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGINT from device_check.sh's time limit raises
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "measure", measure_then_interrupt)
+    assert run.main(["--quick", "--no-compiled", "--min-time", "0.01", "--out", str(tmp_path)]) == 130
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert len(result["rows"]) == 1
+    assert len(result["skipped_for_time"]) == len(run.collect_cases("cpu", quick=True, compiled=False)) - 1
+    assert "not measured (interrupted)" in capsys.readouterr().out
