@@ -35,10 +35,13 @@ stage "device"
 
 stage "build (nvcc, $(nproc) jobs)"
 export MAX_JOBS="$(nproc)" BISAM_REQUIRE_CUDA=1
-if ! timeout -k 10 "$(clamp $(($(left) - 120)) 30 240)" \
-    "$py" -m pip install --no-build-isolation --no-deps -v -e . >"$out/build.log" 2>&1; then
+build_seconds="$(clamp $(($(left) - 120)) 30 240)"
+timeout -k 10 "$build_seconds" "$py" -m pip install --no-build-isolation --no-deps -v -e . >"$out/build.log" 2>&1
+build_rc=$?
+if [ "$build_rc" -ne 0 ]; then
   tail -n 40 "$out/build.log"
-  echo "BUILD FAILED: see build.log"
+  [ "$build_rc" -eq 124 ] && echo "BUILD TIMED OUT after $build_seconds s (BISAM_CHECK_SECONDS=$total)"
+  echo "BUILD FAILED (exit code $build_rc): see build.log"
   exit 1
 fi
 grep -o -- "-gencode=[^ ]*" "$out/build.log" | sort -u
