@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()))
+
+
 def _patch_old_triton_interpreter():
     """Triton < 3.8's interpreter turns a scalar (a 1-element array) into an index with int(array), a
     TypeError since NumPy 2.4 (triton-lang/triton#9171): every range() bounded by a kernel argument
@@ -19,9 +25,8 @@ def _patch_old_triton_interpreter():
         from triton.runtime import interpreter
     except ImportError:
         return
-    version = lambda text: tuple(int(x) for x in text.split(".")[:2])  # noqa: E731
     # Only where the bug bites, and only for the interpreters whose hook this wraps (3.x with scopes).
-    if version(triton.__version__) >= (3, 8) or version(numpy.__version__) < (2, 4):
+    if major_minor(triton.__version__) >= (3, 8) or major_minor(numpy.__version__) < (2, 4):
         return
     if not hasattr(interpreter, "_LangPatchScope"):
         return

@@ -81,11 +81,13 @@ def markdown(results: list[dict]) -> str:
 
 
 def test_every_kernel_configuration_compiles_for_sm90(tmp_path):
+    from conftest import major_minor  # not at module level: run as a script, this file must not load conftest
+
     triton = pytest.importorskip("triton")
     # No spills with Triton >= 3.8 (pinned). Triton 3.6 (its code generation and bundled ptxas 12.8)
     # spills 24 bytes in this one configuration: stored in the prologue and reloaded between the two
     # column loops, outside both; tolerated there, for it alone.
-    old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
+    old_triton = major_minor(triton.__version__) < (3, 8)
     tolerated = "_bisam_loss_kernel[ROWS=1, BLOCK_K=4096, SINGLE=False, PHI=1, warps=16] fp32/i32 unaligned"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a fresh cache: the compiler really runs
