@@ -1,4 +1,4 @@
-"""The fused BiSAM loss against the float64 reference of DESIGN.md section 1.
+"""The fused BiSAM loss against the float64 reference of docs/design.md section 1.
 
 Every check runs through the Triton kernels (under TRITON_INTERPRET=1 on CPU tensors when there is no
 GPU, on CUDA tensors when there is one) and through the composite CPU path. Buffers the kernels write
@@ -9,6 +9,7 @@ import importlib
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
@@ -551,9 +552,9 @@ def test_opcheck(backend, reduction):
     z, t = make_inputs(9, 13, device)
     z.requires_grad_()
     with ctx:
-        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._LOG, 2.0, 0.1, IGNORE, reduction, 1.0, True))
-        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._TANH, 2.0, 0.1, IGNORE, reduction, 0.5, False))
-        stats = torch.ops.bisam.bisam_loss_forward(z, t, M._TANH, 2.0, 0.1, IGNORE, M._NONE, 1.0, True)[1]
+        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._LOG, 2.0, 0.1, IGNORE, reduction, 1.0, False, True))
+        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._TANH, 2.0, 0.1, IGNORE, reduction, 0.5, True, False))
+        stats = torch.ops.bisam.bisam_loss_forward(z, t, M._TANH, 2.0, 0.1, IGNORE, M._NONE, 1.0, False, True)[1]
         for s in (stats, stats.new_empty((0,))):
             torch.library.opcheck(torch.ops.bisam.bisam_loss_row_grad,
                                   (z.detach(), t, torch.randn(9, device=device), s, M._TANH, 2.0, 0.1, IGNORE, 1.0))
@@ -568,7 +569,7 @@ def test_op_autograd_matches_reference(backend, reduction):
     leaf = z.clone().requires_grad_()
     with ctx:
         loss, _ = torch.ops.bisam.bisam_loss_forward(leaf, t, M._TANH, 2.0, 0.1, IGNORE, M.REDUCTIONS[reduction],
-                                                     1.0, True)
+                                                     1.0, False, True)
         loss.sum().backward()
     assert_close(loss, ref_loss, 1e-5, "loss")
     assert_close(leaf.grad, ref_grad, 1e-5, "gradient")
@@ -614,7 +615,7 @@ def test_gradcheck_float64(phi, reduction):
             lambda x: bk.bisam_loss(x * 1.0, t, phi, 3.0, 0.4, reduction, inplace_backward=inplace), (z,))
     assert torch.autograd.gradcheck(
         lambda x: torch.ops.bisam.bisam_loss_forward(x, t, M.PHIS[phi], 3.0, 0.4, IGNORE, M.REDUCTIONS[reduction],
-                                                     0.5, True)[0], (z,))
+                                                     0.5, False, True)[0], (z,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,6 +688,78 @@ def test_bad_module_arguments():
         bk.BiSAMLoss(mu=0.0)
     with pytest.raises(ValueError, match="alpha"):
         bk.BiSAMLoss(alpha=float("nan"))
+
+
+def test_module_checks_its_arguments_at_construction():
+    """Issue 9.8: the module rejects what the function would reject, when it is built (not at forward)."""
+    with pytest.raises(TypeError, match="ignore_index"):
+        bk.BiSAMLoss(ignore_index=None)
+    with pytest.raises(TypeError, match="mu"):
+        bk.BiSAMLoss(mu="1")
+    assert bk.BiSAMLoss(ignore_index=np.int64(3)).ignore_index == 3
+
+
+@pytest.mark.parametrize("scalar", [np.float32, np.float64, np.int32, int, float])
+def test_numpy_and_integer_scalars_are_accepted(backend, scalar):
+    """Issue 9.8: any real number for mu / alpha (np.float32 was a TypeError)."""
+    device, ctx = backend
+    z, t = make_inputs(6, 7, device)
+    with ctx:
+        got = bk.bisam_loss(z, t, phi="tanh", mu=scalar(2), alpha=scalar(1))
+        ref = bk.bisam_loss(z, t, phi="tanh", mu=2.0, alpha=1.0)
+    assert torch.equal(got, ref)
+
+
+def test_classes_in_dimension_one_get_a_hint():
+    """Issue 9.8: (B, V, T) logits, laid out for F.cross_entropy, are told the classes go last."""
+    with pytest.raises(ValueError, match=r"movedim\(1, -1\)"):
+        bk.bisam_loss(torch.randn(2, 5, 7), torch.randint(0, 5, (2, 7)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_is_float32_under_autocast(backend, dtype, reduction):
+    """Issue 9.1: under autocast the loss is float32 (as F.cross_entropy's), the gradient stays in the
+    logits' dtype, and a default GradScaler's 65536 times the loss does not overflow."""
+    device, ctx = backend
+    z, t = make_inputs(8, 10, device, dtype=dtype, ignored=0.0)
+    leaf = z.clone().requires_grad_()
+    with ctx, torch.autocast(device, dtype=dtype):
+        loss = bk.bisam_loss(leaf, t, reduction=reduction)
+        ce = torch.nn.functional.cross_entropy(leaf, t, reduction=reduction)
+    assert loss.dtype == ce.dtype == torch.float32
+    with ctx:
+        (loss.sum() * 65536.0).backward()
+    assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all()
+    ref_loss, ref_grad = reference(z, t, reduction=reduction)
+    assert_close(loss, ref_loss, 1e-2, "loss", floor=1e-2)
+    assert_close(leaf.grad.double() / 65536.0, ref_grad, 1e-2, "gradient", floor=1e-2)
+    with ctx:
+        assert bk.bisam_loss(z, t).dtype == dtype  # outside autocast: the logits' dtype, as F.cross_entropy
+
+
+def test_torch_compile_dynamic_fullgraph_has_no_graph_break(backend):
+    """Issue 9.3: dynamic shapes (symbolic mu, N) trace in one graph; new N do not recompile."""
+    device, ctx = backend
+    graphs = []
+
+    def count(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda z, t, mu: bk.bisam_loss(z, t, phi="log", mu=mu, ignore_index=IGNORE), backend=count,
+                      fullgraph=True, dynamic=True)
+    for N in (5, 9, 13):
+        z, t = make_inputs(N, 7, device)
+        leaf = z.clone().requires_grad_()
+        with ctx:
+            loss = f(leaf, t, 2.0)
+            loss.backward()
+        ref_loss, ref_grad = reference(z, t, mu=2.0)
+        assert_close(loss, ref_loss, 1e-5, "loss")
+        assert_close(leaf.grad, ref_grad, 1e-5, "gradient")
+    assert len(graphs) == 1
 
 
 def test_k_equals_one_is_zero(backend):

@@ -1,6 +1,6 @@
 """The fused BiSAM lower-bound loss: Triton kernels, launcher, torch.library ops and autograd.
 
-For logits ``z`` (rows) and targets ``y`` (DESIGN.md section 1)::
+For logits ``z`` (rows) and targets ``y`` (docs/design.md section 1)::
 
     F_j = z_j - z_y,   s_j = mu * phi(F_j),   l = logsumexp_j s_j     (l / mu with scale_by_mu)
 
@@ -19,8 +19,9 @@ How the work is split (bytes of the logits moved by forward + backward):
   2 reads + 1 write for wide rows).
 * ``inplace_backward=True`` writes the gradient into the logits' buffer (no gradient allocation).
 
-No host synchronisation anywhere on CUDA. Math in float32 whatever the logits' dtype; the gradient is
-stored in the logits' dtype; the loss is returned in the logits' dtype (as ``F.cross_entropy`` does).
+No host synchronisation anywhere on CUDA. Math in float32 (float64 for float64 logits); the gradient is
+stored in the logits' dtype; the loss is returned in the logits' dtype, and in float32 under
+``torch.autocast`` (as ``F.cross_entropy`` does: a float16 loss times a GradScaler's scale overflows).
 
 On CUDA, float16 / bfloat16 / float32 logits run the Triton kernels; float64 logits (and every CPU
 tensor) run the composite PyTorch implementation of the same ops, with the same outputs.
@@ -28,9 +29,12 @@ tensor) run the composite PyTorch implementation of the same ops, with the same 
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 
 import torch
+
+from bisam_kernels._dtypes import accumulate_dtype
 
 try:  # the CPU path works without Triton
     import triton
@@ -433,8 +437,9 @@ def _triton_reduce(values: torch.Tensor, count: torch.Tensor | None, dtype: torc
     return out
 
 
-def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, grad_out=None, stats_out=None):
-    """Forward through the Triton kernels: (loss in z.dtype, gradient or None).
+def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, grad_out=None, stats_out=None,
+                    loss_dtype=None):
+    """Forward through the Triton kernels: (loss in loss_dtype (default z.dtype), gradient or None).
 
     z: (N, K) with unit column stride; t: (N,) int32/int64, contiguous. When ``grad_out`` ((N, K), unit
     column stride, z's dtype; may be z itself) is given, the gradient of the reduced loss (of each
@@ -443,13 +448,14 @@ def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, gr
     CPU tensors under TRITON_INTERPRET=1.
     """
     N, K = z.shape
+    loss_dtype = loss_dtype or z.dtype
     loss_rows = _empty((N,), torch.float32, z.device)
     write_grad = grad_out is not None
     g = grad_out if write_grad else z
     stats_args = (stats_out, 1) if stats_out is not None else (loss_rows, 0)
     if reduction != _NONE and 0 < N <= _forward_config(K)["ROWS"]:
         # One program holds every row: it counts, reduces and writes the loss itself (one launch).
-        out = _empty((), z.dtype, z.device)
+        out = _empty((), loss_dtype, z.device)
         _launch_main(z, t, g, loss_rows, loss_rows, 0, _SCALE_ONE, *stats_args, phi, mu, alpha, out_scale,
                      ignore_index, write_loss=False, write_grad=write_grad, out=out,
                      finalize=2 if reduction == _MEAN else 1)
@@ -459,9 +465,9 @@ def _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, gr
                  _SCALE_INV_COUNT if count is not None else _SCALE_ONE, *stats_args, phi, mu, alpha, out_scale,
                  ignore_index, write_loss=True, write_grad=write_grad)
     if reduction == _NONE:
-        loss = loss_rows.to(z.dtype)
+        loss = loss_rows.to(loss_dtype)
     else:
-        loss = _triton_reduce(loss_rows, count, z.dtype)
+        loss = _triton_reduce(loss_rows, count, loss_dtype)
     return loss, grad_out
 
 
@@ -496,10 +502,6 @@ def _triton_scale_grad_(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, want_grad, check, mean=False,
                     want_stats=False):
     """(per-row loss, gradient of sum_i row_scale_i * l_i or None, count, row statistics or None), in the
@@ -531,10 +533,10 @@ def _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wa
         idx = torch.where(bad, 0, idx)
         dead = ignored | bad
         if mean:
-            count = (~ignored).sum().to(_compute_dtype(z.dtype))
+            count = (~ignored).sum().to(accumulate_dtype(z.dtype))
             row_scale = (row_scale / count).expand(t.shape)
     idx = idx.long().unsqueeze(1)
-    z = z.to(_compute_dtype(z.dtype))
+    z = z.to(accumulate_dtype(z.dtype))
     zy = z.gather(1, idx)
     # Few passes over (N, K), in place where possible; the softmax normalisation 1/S goes into coef.
     if phi == _TANH:
@@ -580,8 +582,10 @@ def _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wa
     return loss, g, count, stats
 
 
-def _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad, want_stats):
-    """(loss in z.dtype, gradient of the reduced loss in z.dtype or None, row statistics or None)."""
+def _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad, want_stats,
+                       loss_dtype=None):
+    """(loss in loss_dtype (default z.dtype), gradient of the reduced loss in z.dtype or None, row statistics
+    or None)."""
     rows, g, count, stats = _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, 1.0, want_grad,
                                             check=z.device.type == "cpu", mean=reduction == _MEAN,
                                             want_stats=want_stats)
@@ -589,7 +593,7 @@ def _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale,
         loss = rows
     else:
         loss = rows.sum() / count if count is not None else rows.sum()
-    return loss.to(z.dtype), None if g is None else g.to(z.dtype), stats
+    return loss.to(loss_dtype or z.dtype), None if g is None else g.to(z.dtype), stats
 
 
 def _composite_scale_grad_(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
@@ -598,7 +602,7 @@ def _composite_scale_grad_(g: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
         if factor != 1.0:
             g.mul_(factor)
         return go.clone()
-    factor = go.to(_compute_dtype(g.dtype)).reshape(-1, 1)
+    factor = go.to(accumulate_dtype(g.dtype)).reshape(-1, 1)
     g.copy_(g.to(factor.dtype) * factor)
     return go.clone()
 
@@ -656,13 +660,14 @@ def _device_of(t: torch.Tensor):
 
 
 def _forward_impl(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad, into_logits=False,
-                  want_stats=False):
-    """(loss, gradient or None, row statistics or None).
+                  want_stats=False, float32_loss=False):
+    """(loss, gradient or None, row statistics or None). The loss has z's dtype, or float32 with float32_loss.
 
     The gradient of the reduced loss (of each row's loss for "none"), in a new (N, K) tensor, or written
     over the logits when into_logits (into a new tensor all the same when the logits' memory overlaps
     itself, an expanded tensor say). Row statistics: (2, N) for the backward of reduction="none"."""
     into_logits = into_logits and _writable(z)
+    loss_dtype = torch.float32 if float32_loss else z.dtype
     if _use_triton(z):
         z, t = _unit_col_stride(z), t.contiguous()
         g = stats = None
@@ -671,10 +676,11 @@ def _forward_impl(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want
         if want_stats:
             stats = _empty((2, z.shape[0]), torch.float32, z.device)
         with _device_of(z):
-            loss, g = _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, g, stats)
+            loss, g = _triton_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, g, stats,
+                                      loss_dtype)
         return loss, g, stats
     loss, g, stats = _composite_forward(z, t, phi, mu, alpha, ignore_index, reduction, out_scale, want_grad,
-                                        want_stats)
+                                        want_stats, loss_dtype)
     if into_logits and g is not None:
         g = z.copy_(g)
     return loss, g, stats
@@ -687,7 +693,7 @@ def _row_grad_impl(z, t, grad_rows, stats, phi, mu, alpha, ignore_index, out_sca
         with _device_of(z):
             return _triton_row_grad(_unit_col_stride(z), t.contiguous(), grad_rows, stats, phi, mu, alpha,
                                     ignore_index, out_scale)
-    row_scale = grad_rows.to(_compute_dtype(z.dtype))
+    row_scale = grad_rows.to(accumulate_dtype(z.dtype))
     _, g, _, _ = _composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, True, check=False)
     return g.to(z.dtype)
 
@@ -712,7 +718,7 @@ def _tracing(t: torch.Tensor) -> bool:
 
 def _scaled(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """grad * factor (0-dim, or one factor per row) in a new tensor, computed in float32 (float64)."""
-    acc = _compute_dtype(grad.dtype)
+    acc = accumulate_dtype(grad.dtype)
     return (grad.to(acc) * factor.to(acc).reshape(-1, 1)).to(grad.dtype)
 
 
@@ -754,7 +760,7 @@ def _backward_stored(ctx, grad_output):
             "the first backward returned unchanged, but it was modified in place (e.g. accumulated into "
             ".grad or zeroed). Recompute the loss, or take repeated gradients with torch.autograd.grad."
         )
-    acc = _compute_dtype(grad.dtype)
+    acc = accumulate_dtype(grad.dtype)
     go, go0 = grad_output.to(acc), ctx.first_grad_output.to(acc)
     return _scaled(grad, torch.where(go == go0, torch.ones_like(go), go / go0))
 
@@ -768,7 +774,7 @@ def _backward(ctx, grad_loss):
     # reduction="none" (or a forward that did not fuse the gradient): recompute it from the logits.
     logits, targets, stats = ctx.saved_tensors
     phi, mu, alpha, ignore_index, out_scale = ctx.params
-    grad_rows = grad_loss.to(_compute_dtype(logits.dtype)).expand(targets.shape)
+    grad_rows = grad_loss.to(accumulate_dtype(logits.dtype)).expand(targets.shape)
     if ctx.reduction == _MEAN:
         grad_rows = grad_rows / (targets != ignore_index).sum()
     args = (logits, targets, grad_rows, stats, phi, mu, alpha, ignore_index, out_scale)
@@ -780,11 +786,12 @@ class _BiSAMLossFunction(torch.autograd.Function):
     per call in Python, more than the kernels at small sizes). torch.compile uses the operator."""
 
     @staticmethod
-    def forward(ctx, logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, into_logits):
+    def forward(ctx, logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, float32_loss, into_logits):
         into_logits = into_logits and logits.dtype != torch.float16  # see _fuses_gradient
         fused = into_logits or _fuses_gradient(reduction, logits.dtype)
         loss, grad, stats = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale,
-                                          want_grad=fused, into_logits=into_logits, want_stats=not fused)
+                                          want_grad=fused, into_logits=into_logits, want_stats=not fused,
+                                          float32_loss=float32_loss)
         if into_logits and grad is not None and grad.data_ptr() == logits.data_ptr():
             # The kernel overwrote the logits behind autograd's back: bump their version so that a node
             # that saved them (and would now read clobbered values) raises instead of going wrong.
@@ -796,7 +803,7 @@ class _BiSAMLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        return (_backward(ctx, grad_loss),) + (None,) * 8
+        return (_backward(ctx, grad_loss),) + (None,) * 9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -814,14 +821,16 @@ def _op_forward(
     ignore_index: int,
     reduction: int,
     out_scale: float,
+    float32_loss: bool,
     fuse_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, aux). With fuse_grad (the logits will need a gradient), aux is the gradient of the reduced
-    loss for mean / sum, and the (2, N) row statistics the backward uses for none; else empty."""
+    loss for mean / sum, and the (2, N) row statistics the backward uses for none; else empty. The loss
+    has the logits' dtype, float32 with float32_loss."""
     fused = fuse_grad and _fuses_gradient(reduction, logits.dtype)
     stats_wanted = fuse_grad and not fused
     loss, grad, stats = _forward_impl(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fused,
-                                      want_stats=stats_wanted)
+                                      want_stats=stats_wanted, float32_loss=float32_loss)
     aux = grad if fused else stats if stats_wanted else logits.new_empty((0,))
     return loss, aux
 
@@ -831,26 +840,27 @@ def _aux_meta(logits, fuse_grad, reduction):
     if not fuse_grad:
         return (0,), logits.dtype
     if not _fuses_gradient(reduction, logits.dtype):
-        return (2, logits.shape[0]), _compute_dtype(logits.dtype)  # the row statistics
+        return (2, logits.shape[0]), accumulate_dtype(logits.dtype)  # the row statistics
     return logits.shape, logits.dtype
 
 
 @_op_forward.register_fake
-def _op_forward_fake(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fuse_grad):
+def _op_forward_fake(logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, float32_loss, fuse_grad):
     loss_shape = (logits.shape[0],) if reduction == _NONE else ()
     aux_shape, aux_dtype = _aux_meta(logits, fuse_grad, reduction)
-    return logits.new_empty(loss_shape), logits.new_empty(aux_shape, dtype=aux_dtype)
+    loss_dtype = torch.float32 if float32_loss else logits.dtype
+    return logits.new_empty(loss_shape, dtype=loss_dtype), logits.new_empty(aux_shape, dtype=aux_dtype)
 
 
 def _setup_op_forward(ctx, inputs, output):
-    logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, fuse_grad = inputs
+    logits, targets, phi, mu, alpha, ignore_index, reduction, out_scale, float32_loss, fuse_grad = inputs
     ctx.mark_non_differentiable(output[1])
     _save(ctx, fuse_grad and _fuses_gradient(reduction, logits.dtype), logits, targets, output[1], reduction,
           (phi, mu, alpha, ignore_index, out_scale))
 
 
 def _backward_op_forward(ctx, grad_loss, grad_grad):
-    return (_backward(ctx, grad_loss),) + (None,) * 8
+    return (_backward(ctx, grad_loss),) + (None,) * 9
 
 
 torch.library.register_autograd("bisam::bisam_loss_forward", _backward_op_forward, setup_context=_setup_op_forward)
@@ -884,11 +894,25 @@ def _op_row_grad_fake(logits, targets, grad_rows, stats, phi, mu, alpha, ignore_
 
 
 def _check_scalar(name: str, value, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be finite{' and positive' if positive else ''}, got {value}")
-    return float(value)
+    """A real number (int, float, NumPy scalar) as a float. Under torch.compile(dynamic=True) a float argument
+    arrives symbolic (a SymFloat): comparisons, not math.isfinite, so that the checks become guards."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not abs(value) < math.inf or (positive and not value > 0):  # (NaN fails both comparisons)
+        raise ValueError(f"{name} must be finite{' and positive' if positive else ''}, got {value!r}")
+    return value
+
+
+def _check_options(phi, mu, alpha, reduction, ignore_index) -> tuple[float, float, int]:
+    """The loss's options, checked once for the function and the module: (mu, alpha, ignore_index)."""
+    if phi not in PHIS:
+        raise ValueError(f"phi must be one of {sorted(PHIS)}, got {phi!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return _check_scalar("mu", mu, True), _check_scalar("alpha", alpha, True), int(ignore_index)
 
 
 def _check_inputs(logits, targets, phi, mu, alpha, reduction, ignore_index):
@@ -905,17 +929,15 @@ def _check_inputs(logits, targets, phi, mu, alpha, reduction, ignore_index):
     if targets.dtype not in _TARGET_DTYPES:
         raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
     if targets.shape != logits.shape[:-1]:
+        hint = ""
+        if logits.dim() > 2 and targets.shape == logits.shape[:1] + logits.shape[2:]:
+            hint = (" (it looks like logits with the classes in dimension 1, as F.cross_entropy takes them: "
+                    "bisam_loss wants them last, pass logits.movedim(1, -1))")
         raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits' shape without the "
-                         f"class dimension), got {tuple(targets.shape)}")
+                         f"class dimension), got {tuple(targets.shape)}{hint}")
     if targets.device != logits.device:
         raise ValueError(f"targets are on {targets.device} but logits are on {logits.device}")
-    if phi not in PHIS:
-        raise ValueError(f"phi must be one of {sorted(PHIS)}, got {phi!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return _check_scalar("mu", mu, True), _check_scalar("alpha", alpha, True)
+    return _check_options(phi, mu, alpha, reduction, ignore_index)
 
 
 def bisam_loss(
@@ -929,7 +951,7 @@ def bisam_loss(
     scale_by_mu: bool = False,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
-    """BiSAM's lower bound of the 0-1 loss, ``logsumexp_j mu * phi(z_j - z_y)`` per row (DESIGN.md sec. 1).
+    """BiSAM's lower bound of the 0-1 loss, ``logsumexp_j mu * phi(z_j - z_y)`` per row (docs/design.md section 1).
 
     Args:
         logits: ``(N, K)``, or ``(..., K)`` with the classes in the *last* dimension (the layout of
@@ -952,7 +974,9 @@ def bisam_loss(
     A target outside ``[0, K)`` that is not ``ignore_index`` raises ``ValueError`` on the CPU; on CUDA it
     makes that row's loss and gradient NaN (checking on the host would need a synchronisation).
 
-    The loss has the logits' dtype and is differentiable with respect to the logits, once (no double
+    The loss has the logits' dtype, and float32 under ``torch.autocast`` (as ``F.cross_entropy`` and every
+    loss on autocast's float32 list: a float16 loss times a GradScaler's 65536 would overflow); the
+    gradient has the logits' dtype. Differentiable with respect to the logits, once (no double
     backward). For mean / sum the gradient is computed with the loss and kept; ``backward`` scales it in
     place by the incoming gradient (no work when it is 1). A second backward through the same graph
     (``retain_graph=True``) returns a new tensor scaled from the first factor (NaN if that factor was 0),
@@ -960,20 +984,21 @@ def bisam_loss(
     float16 logits instead recompute the gradient in the backward, after the incoming gradient (an AMP
     loss scale) is known: a gradient rounded to float16 before the scale would flush to zero.
     """
-    mu, alpha = _check_inputs(logits, targets, phi, mu, alpha, reduction, ignore_index)
+    mu, alpha, ignore_index = _check_inputs(logits, targets, phi, mu, alpha, reduction, ignore_index)
     red = REDUCTIONS[reduction]
     out_scale = 1.0 / mu if scale_by_mu else 1.0
     K = logits.shape[-1]
     z = logits.reshape(-1, K)
     t = targets.reshape(-1)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    args = (PHIS[phi], mu, alpha, ignore_index, red, out_scale)
+    float32_loss = logits.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(logits.device.type)
+    args = (PHIS[phi], mu, alpha, ignore_index, red, out_scale, float32_loss)
     if torch.compiler.is_compiling():
         loss, _ = torch.ops.bisam.bisam_loss_forward(z, t, *args, needs_grad)
     elif needs_grad:
         loss = _BiSAMLossFunction.apply(z, t, *args, bool(inplace_backward))
     else:
-        loss, _, _ = _forward_impl(z, t, *args, want_grad=False)
+        loss, _, _ = _forward_impl(z, t, *args[:-1], want_grad=False, float32_loss=float32_loss)
     return loss.reshape(targets.shape) if red == _NONE else loss
 
 
@@ -983,13 +1008,8 @@ class BiSAMLoss(torch.nn.Module):
     def __init__(self, phi: str = "log", mu: float = 1.0, alpha: float = 0.1, reduction: str = "mean",
                  ignore_index: int = -100, scale_by_mu: bool = False, inplace_backward: bool = False):
         super().__init__()
-        if phi not in PHIS:
-            raise ValueError(f"phi must be one of {sorted(PHIS)}, got {phi!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-        self.mu = _check_scalar("mu", mu, True)
-        self.alpha = _check_scalar("alpha", alpha, True)
-        self.phi, self.reduction, self.ignore_index = phi, reduction, ignore_index
+        self.mu, self.alpha, self.ignore_index = _check_options(phi, mu, alpha, reduction, ignore_index)
+        self.phi, self.reduction = phi, reduction
         self.scale_by_mu, self.inplace_backward = bool(scale_by_mu), bool(inplace_backward)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
