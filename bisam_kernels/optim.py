@@ -10,20 +10,16 @@ the optimizer is the same, exported twice as ``BiSAM`` and ``SAM``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
+from torch.amp.grad_scaler import OptState
 
-from bisam_kernels import _extension  # noqa: F401  (registers torch.ops.bisam)
-
-_ops = torch.ops.bisam  # the raw ops: the plan already groups by device and dtype
+from bisam_kernels.ops.sam_perturb import DEFAULT_EPS, FusedSAMPlan, _rho_key, check_rho
 
 __all__ = ["BiSAM", "SAM"]
-
-_EPS = 1e-12  # the canonical SAM's epsilon in rho / (||g|| + eps)
 
 try:  # DTensor parameters (FSDP2 ``fully_shard``); public since torch 2.5
     from torch.distributed.tensor import DTensor as _DTensor
@@ -48,34 +44,33 @@ def _shard_groups(p: torch.Tensor) -> tuple:
     return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements) if placement.is_shard())
 
 
-def _check_rho(rho, where: str = "rho") -> None:
-    if isinstance(rho, torch.Tensor):
-        if rho.numel() != 1 or not rho.is_floating_point():
-            raise ValueError(f"{where} must be a float or a one-element floating tensor, got shape {tuple(rho.shape)}")
-        return  # its value is checked on the device by the op (no host sync)
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"{where} must be a float, got {type(rho).__name__}")
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"{where} must be finite and non-negative, got {rho}")
+def _check_group(group: dict, where: str = "") -> None:
+    prefix = f"{where} " if where else ""
+    check_rho(group["rho"], f"{prefix}rho")
+    if not isinstance(group["adaptive"], bool):
+        raise TypeError(f"{prefix}adaptive must be a bool, got {type(group['adaptive']).__name__}")
 
 
-def _rho_key(rho):
-    return ("tensor", id(rho)) if isinstance(rho, torch.Tensor) else float(rho)
-
-
-def _rho_args(rho) -> tuple[float, torch.Tensor | None]:
-    """(rho_value, rho_tensor) as the op takes them; a float rho is validated by the op."""
-    return (0.0, rho) if isinstance(rho, torch.Tensor) else (float(rho), None)
+def _check_unique(group: dict, where: str) -> None:
+    """A parameter listed twice would be perturbed twice by one fused call: name it now."""
+    seen: dict[int, int] = {}
+    names = group.get("param_names")
+    for i, p in enumerate(group["params"]):
+        j = seen.setdefault(id(p), i)
+        if j != i:
+            label = f"{names[i]!r}" if names else f"params[{i}] (shape {tuple(p.shape)})"
+            raise ValueError(f"{where}: {label} is listed twice (also at index {j}); "
+                             "each parameter may appear once")
 
 
 class _Plan(NamedTuple):
     """The fused calls of one step, cached while the signature (groups, params with grads) is unchanged."""
 
     signature: tuple
-    buckets: list  # (params, locals, backups, rho, adaptive): one sam_perturb_ call each
-    terms: list  # (params, locals, adaptive, shard process groups): one grad_sq_norm call each
-    restores: list  # (params, locals, backups): one sam_restore_ call each (per device and dtype)
-    sharded: bool  # DTensor parameters: local shards are re-read every step
+    params: list  # the parameters with gradients, in the order of the fused plan
+    weights: list  # their local tensors (DTensor shards are re-read every step)
+    backups: list
+    fused: FusedSAMPlan
 
 
 class BiSAM(torch.optim.Optimizer):
@@ -95,9 +90,14 @@ class BiSAM(torch.optim.Optimizer):
 
     The perturbation uses one global norm over all groups (each group's ``adaptive`` decides its terms),
     scaled by each group's ``rho``. Parameters whose ``.grad`` is ``None`` at ``first_step`` are neither
-    perturbed nor restored. A non-finite gradient norm (an overflowed fp16 pass) skips the perturbation
-    instead of writing NaN weights; ``first_step`` returns the norm (a 0-dim tensor on the device) so
-    this can be logged without a host sync.
+    perturbed nor restored; ``first_step`` with no gradient at all raises. A non-finite gradient norm (an
+    overflowed fp16 pass) skips the perturbation instead of writing NaN weights; ``first_step`` returns
+    the norm (a 0-dim tensor on the device) so this can be logged without a host sync, and
+    ``second_step(scaler=...)`` then counts the step as overflowed (skipped, the scale backs off).
+
+    The steps change Python state (the backups, whether the weights are perturbed), so they always run
+    eagerly: inside a ``torch.compile``d function they are a graph break (an error under
+    ``fullgraph=True``, raised before anything runs). Compile the model, not the step.
 
     ``param_groups`` are shared with the base optimizer, so LR schedulers attached to this optimizer
     work; ``state_dict()`` holds the base optimizer's state (momentum, Adam moments) and the groups'
@@ -105,12 +105,11 @@ class BiSAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive: bool = False, **base_kwargs):
-        _check_rho(rho)
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        _check_group({"rho": rho, "adaptive": adaptive})
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
         self._plan: _Plan | None = None
-        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+        self._perturbed: tuple[list[torch.Tensor], _Plan] | None = None  # (weights, plan) of the first step
+        self._ascent_norm: torch.Tensor | None = None  # the first step's norm, until second_step
         self._scaler_stepping = False
         defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
 
@@ -161,6 +160,14 @@ class BiSAM(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
+        where = f"param group {len(self.param_groups)}"
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            param_group["params"] = [params]
+        elif not isinstance(params, set):  # (torch rejects a set) read here before torch: keep a list
+            param_group["params"] = list(params)
+        _check_unique(param_group, where)
+        _check_group({"rho": self.defaults["rho"], "adaptive": self.defaults["adaptive"], **param_group}, where)
         base = self.__dict__.get("base_optimizer")
         if base is None:  # during __init__
             super().add_param_group(param_group)
@@ -168,10 +175,6 @@ class BiSAM(torch.optim.Optimizer):
             param_group.setdefault("rho", self.defaults["rho"])
             param_group.setdefault("adaptive", self.defaults["adaptive"])
             base.add_param_group(param_group)  # appends to the shared list
-            param_group = self.param_groups[-1]
-        _check_rho(param_group["rho"], "param group rho")
-        if not isinstance(param_group["adaptive"], bool):
-            raise TypeError(f"param group adaptive must be a bool, got {type(param_group['adaptive']).__name__}")
 
     # ------------------------------------------------------------------------------------------
     # the two steps
@@ -198,41 +201,32 @@ class BiSAM(torch.optim.Optimizer):
         )  # fmt: skip
 
     def _build_plan(self, signature: tuple) -> _Plan:
-        """Group the parameters with gradients into fused calls (one per device, dtype, adaptive and rho) and
-        squared-norm terms (one per device, dtype, adaptive and sharding); allocate missing backups."""
-        buckets: dict[tuple, tuple[list, list, list, object]] = {}
-        terms: dict[tuple, tuple[list, list]] = {}
-        restores: dict[tuple, tuple[list, list]] = {}
-        for group in self.param_groups:
-            adaptive, rho = group["adaptive"], group["rho"]
+        """The parameters with gradients, their backups (allocated once) and the fused calls over them."""
+        params, keys, rhos, adaptives, shards = [], [], [], [], []
+        for i, group in enumerate(self.param_groups):
+            _check_group(group, f"param group {i}")  # rho may have been changed since the group was added
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("BiSAM does not support sparse gradients")
                 w = _local(p)
-                b = self._backup_for(p, w)
-                key = (w.device, w.dtype)
-                for lists, items in (
-                    (buckets.setdefault((*key, adaptive, _rho_key(rho)), ([], [], [], rho)), (p, w, b)),
-                    (terms.setdefault((*key, adaptive, _shard_groups(p)), ([], [])), (p, w)),
-                    (restores.setdefault(key, ([], [], [])), (p, w, b)),
-                ):
-                    for lst, item in zip(lists, items):
-                        lst.append(item)
-        return _Plan(
-            signature,
-            [(ps, ws, bs, rho, k[2]) for k, (ps, ws, bs, rho) in buckets.items()],
-            [(ps, ws, k[2], k[3]) for k, (ps, ws) in terms.items()],
-            list(restores.values()),
-            any(_is_dtensor(p) for ps, _, _ in restores.values() for p in ps),
-        )
+                params.append(p)
+                keys.append((w.device, w.dtype))
+                rhos.append(group["rho"])
+                adaptives.append(group["adaptive"])
+                shards.append(_shard_groups(p))
+        weights = [_local(p) for p in params]
+        backups = [self._backup_for(p, w) for p, w in zip(params, weights)]
+        return _Plan(signature, params, weights, backups, FusedSAMPlan(keys, rhos, adaptives, shards))
 
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> torch.Tensor:
         """Ascent step ``w <- w + e(w)`` from the current gradients; keeps ``w`` for :meth:`second_step`.
 
-        Returns the global gradient norm as a 0-dim tensor on the device (no host sync).
+        Returns the global gradient norm as a 0-dim tensor on the device (no host sync). Raises
+        ``RuntimeError`` when no parameter has a gradient (the pass-1 backward is missing).
         """
         if self._perturbed is not None:
             raise RuntimeError(
@@ -242,60 +236,61 @@ class BiSAM(torch.optim.Optimizer):
         plan = self._plan
         if plan is None or plan.signature != signature:
             plan = self._plan = self._build_plan(signature)
-
-        def local_lists(ps, ws):  # DTensor local shards are re-read every step; plain tensors are cached
-            if plan.sharded:
-                return [_local(p) for p in ps], [_local(p.grad) for p in ps]
-            return ws, [p.grad for p in ps]
-
-        if not plan.buckets:
-            norm = torch.zeros(())
-        elif len(plan.buckets) == 1 and len(plan.terms) == 1 and not plan.terms[0][3]:
-            # the common case: one fused norm + perturbation over everything
-            ps, ws, bs, rho, adaptive = plan.buckets[0]
-            ws, gs = local_lists(ps, ws)
-            norm = _ops.sam_perturb_(ws, gs, bs, *_rho_args(rho), adaptive, _EPS, None)
+        if not plan.params:
+            raise RuntimeError(
+                "first_step() found no gradients: no parameter of this optimizer has a .grad. Run the pass-1 "
+                "backward first (e.g. bk.bisam_loss(model(x), y).backward()), or use bk.bisam_step"
+            )
+        if plan.fused.sharded:  # DTensor local shards are re-read every step; plain tensors are cached
+            weights, grads = [_local(p) for p in plan.params], [_local(p.grad) for p in plan.params]
         else:
-            sq = None
-            for ps, ws, adaptive, shard_groups in plan.terms:
-                ws, gs = local_lists(ps, ws)
-                part = _ops.grad_sq_norm(gs, ws if adaptive else [], adaptive)
-                for pg in shard_groups:  # FSDP2 shards: sum the local squared norms over the mesh dimension
-                    torch.distributed.all_reduce(part, op=torch.distributed.ReduceOp.SUM, group=pg)
-                sq = part if sq is None else sq + part.to(sq.device, torch.promote_types(sq.dtype, part.dtype))
-            for ps, ws, bs, rho, adaptive in plan.buckets:
-                ws, gs = local_lists(ps, ws)
-                _ops.sam_perturb_(ws, gs, bs, *_rho_args(rho), adaptive, _EPS, sq.to(ws[0].device))
-            norm = sq.sqrt()
-        self._perturbed = (
-            [(local_lists(ps, ws)[0], bs) for ps, ws, bs in plan.restores] if plan.sharded
-            else [(ws, bs) for _, ws, bs in plan.restores]
-        )  # fmt: skip
+            weights, grads = plan.weights, [p.grad for p in plan.params]
+        norm = plan.fused.perturb_(weights, grads, plan.backups, DEFAULT_EPS)
+        self._perturbed, self._ascent_norm = (weights, plan), norm
         if zero_grad:
             self.zero_grad()
         return norm
 
+    @torch.compiler.disable
     @torch.no_grad()
     def restore(self) -> None:
         """Undo :meth:`first_step` (``w <- backup``, bit-exact) without stepping the base optimizer."""
         if self._perturbed is None:
             raise RuntimeError("second_step()/restore() was called without first_step(): nothing to restore")
-        pairs, self._perturbed = self._perturbed, None
-        for ws, bs in pairs:  # one fused call per device and dtype
-            _ops.sam_restore_(ws, bs)
+        (weights, plan), self._perturbed = self._perturbed, None
+        plan.fused.restore_(weights, plan.backups)
 
+    def _count_ascent_overflow(self, scaler: torch.amp.GradScaler) -> None:
+        """Count a skipped perturbation (a non-finite pass-1 norm: overflowed fp16 gradients) as an overflow
+        of this step, on the device: ``scaler.step`` skips the base step and ``scaler.update`` backs off, as
+        for an overflowed pass 2. Without it a scale too large for pass 1 would never shrink, and the run
+        would silently train as SGD. The scaler keeps its per-optimizer overflow flags in
+        ``_per_optimizer_states`` (the same layout since torch 1.6; tested)."""
+        norm, self._ascent_norm = self._ascent_norm, None
+        state = scaler._per_optimizer_states[id(self)]
+        if state["stage"] is not OptState.UNSCALED:  # else the caller unscaled already (to clip, say)
+            scaler.unscale_(self)
+        found = state["found_inf_per_device"]
+        device = next(iter(found), norm.device)
+        overflow = (~torch.isfinite(norm)).to(device, torch.float32).reshape(1)
+        found[device] = found[device] + overflow if device in found else overflow
+
+    @torch.compiler.disable
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None):
         """Restore ``w`` and let the base optimizer step with the gradients taken at ``w + e(w)``.
 
         With ``scaler`` (a ``torch.amp.GradScaler``), the base step goes through ``scaler.step`` (which
         unscales, and skips the step on inf/NaN gradients); call ``scaler.update()`` afterwards as usual.
-        The weights are restored in every case.
+        A pass 1 whose norm was not finite (its perturbation was skipped) counts as an overflow too: the
+        step is skipped and the scale backs off. The weights are restored in every case.
         """
         self.restore()
         if scaler is None:
             self.base_optimizer.step()
         else:
+            if scaler.is_enabled():
+                self._count_ascent_overflow(scaler)
             self._scaler_stepping = True
             try:
                 scaler.step(self)  # unscale_ bookkeeping is keyed to this optimizer; calls self.step()
@@ -305,6 +300,7 @@ class BiSAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         """Canonical SAM step: the gradients at ``w`` must already be computed; ``closure`` re-evaluates
@@ -353,11 +349,12 @@ class BiSAM(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("adaptive", self.defaults["adaptive"])
-            _check_rho(group["rho"], "param group rho")
+        for i, group in enumerate(self.param_groups):
+            _check_group(group, f"param group {i}")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_backups"], state["_plan"], state["_perturbed"] = {}, None, None  # transient
+        state["_backups"], state["_plan"], state["_perturbed"], state["_ascent_norm"] = {}, None, None, None
         return state
 
     def __repr__(self) -> str:

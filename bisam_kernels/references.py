@@ -1,7 +1,8 @@
 """Reference implementations, for tests and benchmark baselines.
 
-- float64 references written from the formulas of DESIGN.md section 1 (the tests' ground truth);
-- the released code's semantics: the canonical per-parameter PyTorch SAM loop (baseline (a));
+- float64 references written from the formulas of docs/design.md section 1 (the tests' ground truth);
+- the released code's semantics: the canonical per-parameter PyTorch SAM loop (baseline (a)) and the
+  released pass-2 loss (``smooth_crossentropy_released``);
 - vectorised eager PyTorch with torch._foreach_* (baseline (b); torch.compile of it is baseline (c)).
 
 The same three for the BiSAM loss: ``bisam_loss_fp64``, ``bisam_loss_released`` (the row loop) and
@@ -14,12 +15,14 @@ import math
 
 import torch
 
+from bisam_kernels.ops.sam_perturb import DEFAULT_EPS
+
 # ---------------------------------------------------------------------------------------------
 # SAM perturbation
 # ---------------------------------------------------------------------------------------------
 
 
-def sam_perturb_fp64(params, grads, rho: float, adaptive: bool = False, eps: float = 1e-12):
+def sam_perturb_fp64(params, grads, rho: float, adaptive: bool = False, eps: float = DEFAULT_EPS):
     """(perturbed weights in float64, norm in float64): w + rho * (w^2 if adaptive) * g / (||.|| + eps).
 
     The norm is the canonical one: per-parameter norms stacked, then normed.
@@ -33,7 +36,7 @@ def sam_perturb_fp64(params, grads, rho: float, adaptive: bool = False, eps: flo
     return [w + (w.square() if adaptive else 1.0) * g * scale for w, g in zip(w64, g64)], norm
 
 
-def sam_first_step_loop(params, grads, rho: float, adaptive: bool = False, eps: float = 1e-12):
+def sam_first_step_loop(params, grads, rho: float, adaptive: bool = False, eps: float = DEFAULT_EPS):
     """The canonical PyTorch SAM ``first_step``: one norm per parameter, stack, norm, then per parameter
     ``clone``, ``mul``, ``add_``. Returns the backups (``old_p``) that ``second_step`` restores."""
     shared_device = params[0].device
@@ -58,7 +61,7 @@ def sam_restore_loop(params, backups) -> None:
         p.data = old
 
 
-def sam_first_step_foreach(params, grads, backups, rho: float, adaptive: bool = False, eps: float = 1e-12):
+def sam_first_step_foreach(params, grads, backups, rho: float, adaptive: bool = False, eps: float = DEFAULT_EPS):
     """Vectorised eager SAM ascent with ``torch._foreach_*`` (the same math, a handful of launches)."""
     terms = torch._foreach_mul(grads, torch._foreach_abs(params)) if adaptive else grads
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(terms, 2)), 2)
@@ -108,6 +111,18 @@ def canonical_sam_step(model, base, x, y, rho, adaptive, ascent, label_smoothing
     released_enable_running_stats(model)
 
 
+def smooth_crossentropy_released(logits, targets, smoothing: float = 0.1) -> torch.Tensor:
+    """The released training script's pass-2 loss in float64, per row, written as released: a target
+    distribution of ``smoothing / (K - 1)`` everywhere and ``1 - smoothing`` on the target, then
+    ``F.kl_div(log_softmax(logits), that).sum(-1)``. Logits (N, K), targets (N,)."""
+    pred = logits.to(torch.float64)
+    n_class = pred.size(1)
+    one_hot = torch.full_like(pred, fill_value=smoothing / (n_class - 1) if n_class > 1 else 0.0)
+    one_hot.scatter_(dim=1, index=targets.long().unsqueeze(1), value=1.0 - smoothing)
+    log_prob = torch.nn.functional.log_softmax(pred, dim=1)
+    return torch.nn.functional.kl_div(input=log_prob, target=one_hot, reduction="none").sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # BiSAM lower-bound loss
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +151,7 @@ def _loss_reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str, shape)
 
 def bisam_loss_fp64(logits, targets, phi="log", mu=1.0, alpha=0.1, reduction="mean", ignore_index=-100,
                     scale_by_mu=False):
-    """The loss of DESIGN.md section 1 in float64, from the formulas (the tests' ground truth).
+    """The loss of docs/design.md section 1 in float64, from the formulas (the tests' ground truth).
 
     ``F_j = z_j - z_y``, ``s_j = mu * phi(F_j)``, ``l = logsumexp_j s_j`` (``/ mu`` with scale_by_mu);
     logits ``(..., K)`` (classes last), rows whose target is ``ignore_index`` count for nothing. The

@@ -397,6 +397,98 @@ def test_bad_input_errors():
     opt.second_step()
 
 
+def test_first_step_without_gradients_raises():
+    """Issue 9.5: a forgotten pass-1 backward must not silently turn the step into SGD."""
+    model = nn.Linear(3, 2)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        opt.first_step()
+    assert not opt.perturbed
+    model(torch.randn(4, 3)).sum().backward()
+    opt.first_step()
+    opt.second_step()
+
+
+def test_a_parameter_listed_twice_is_named_at_construction():
+    """Issue 9.7: caught when the optimizer is built, naming the parameter (not at the first step)."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"param group 0: params\[1\] \(shape \(2, 3\)\) is listed twice"):
+        bk.BiSAM([model.weight, model.weight, model.bias], torch.optim.SGD, lr=0.1)
+    opt = bk.BiSAM([model.weight], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="param group 1: .* listed twice"):
+        opt.add_param_group({"params": [model.bias, model.bias]})
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check, across groups
+        opt.add_param_group({"params": [model.weight]})
+
+
+def test_rho_errors_read_the_same_everywhere():
+    """Issue 9.8: one rho check (the functional ops, the optimizer, a group changed after construction)."""
+    model = nn.Linear(3, 2)
+    expected = "must be a float or a one-element floating tensor"
+    with pytest.raises(ValueError, match=expected):
+        bk.BiSAM(model.parameters(), torch.optim.SGD, rho=torch.ones(2), lr=0.1)
+    params, grads, backups = [torch.zeros(3)], [torch.ones(3)], [torch.empty(3)]
+    with pytest.raises(ValueError, match=expected):
+        bk.ops.sam_perturb_(params, grads, backups, torch.ones(2))
+    with pytest.raises(TypeError, match=expected):
+        bk.ops.sam_perturb_(params, grads, backups, "0.05")
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.param_groups[0]["rho"] = -1.0  # e.g. a faulty schedule
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ValueError, match=r"param group 0 rho must be finite and non-negative, got -1\.0"):
+        opt.first_step()
+    assert not opt.perturbed
+
+
+def test_first_step_under_torch_compile_keeps_its_state():
+    """Issue 9.2: inside a compiled function first_step is a graph break: it runs eagerly, so the optimizer
+    knows the weights are perturbed; with fullgraph=True it refuses before any weight moves."""
+    model = nn.Linear(4, 3)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    @torch.compile(backend="eager")
+    def ascent():
+        bk.bisam_loss(model(x), y).backward()
+        return opt.first_step(zero_grad=True)
+
+    before = model.weight.detach().clone()
+    assert torch.isfinite(ascent())
+    assert opt.perturbed and not torch.equal(model.weight, before)
+    opt.second_step()
+    assert not opt.perturbed
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def whole_step():
+        opt.first_step()
+
+    bk.bisam_loss(model(x), y).backward()
+    before = model.weight.detach().clone()
+    with pytest.raises(Exception, match="disable"):
+        whole_step()
+    assert not opt.perturbed and torch.equal(model.weight, before)
+
+
+def test_the_optimizer_and_the_functional_op_report_the_same_norm():
+    """One Python layer: with several fused calls (two groups, one with an invalid rho tensor) the optimizer
+    reports what sam_perturb_ reports (NaN), not a norm recomputed its own way."""
+    a, b = nn.Linear(3, 2), nn.Linear(2, 2)
+    bad_rho = torch.tensor(float("nan"))
+    opt = bk.BiSAM([{"params": a.parameters()}, {"params": b.parameters(), "rho": bad_rho}], torch.optim.SGD,
+                   rho=0.1, lr=0.1)
+    b(a(torch.randn(5, 3))).square().sum().backward()
+    grads = [p.grad.clone() for p in [*a.parameters(), *b.parameters()]]
+    norm = opt.first_step()
+    assert torch.isnan(norm)
+    opt.restore()
+    params = [p.detach().clone() for p in [*a.parameters(), *b.parameters()]]
+    assert torch.isnan(bk.ops.sam_perturb_(params[2:], grads[2:], [torch.empty_like(p) for p in params[2:]],
+                                           bad_rho))
+    sq = bk.ops.grad_sq_norm(grads)
+    good = bk.ops.sam_perturb_(params, grads, [torch.empty_like(p) for p in params], 0.1)
+    torch.testing.assert_close(good, sq.sqrt())
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: no host sync, graph capture
 # ---------------------------------------------------------------------------------------------

@@ -1,40 +1,166 @@
 """Fused multi-tensor SAM perturbation: the Python face of the torch.ops.bisam operators.
 
-The C++/CUDA ops take one device and one dtype per call; the functions here accept any mix of
-dtypes (grouped, one call per dtype) and give the ops fake implementations for torch.compile.
+The C++/CUDA ops take one device and one dtype per call. :class:`FusedSAMPlan` maps a list of tensors
+onto as few calls as possible, with one global norm; the functions here and the optimizer
+(``bisam_kernels.optim``) both go through it. The ops get fake implementations for torch.compile.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from bisam_kernels import _extension  # noqa: F401  (registers torch.ops.bisam)
+from bisam_kernels._dtypes import accumulate_dtype
 
-__all__ = ["grad_sq_norm", "sam_perturb_", "sam_restore_", "sam_perturbation"]
+__all__ = ["grad_sq_norm", "sam_perturb_", "sam_restore_", "sam_perturbation", "FusedSAMPlan", "DEFAULT_EPS"]
 
 _ops = torch.ops.bisam
 
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+DEFAULT_EPS = 1e-12  # the canonical SAM's epsilon in rho / (||g|| + eps)
 
 
 @torch.library.register_fake("bisam::grad_sq_norm")
 def _grad_sq_norm_fake(grads, params, adaptive):
-    return grads[0].new_empty((), dtype=_accumulate_dtype(grads[0].dtype))
+    return grads[0].new_empty((), dtype=accumulate_dtype(grads[0].dtype))
 
 
 @torch.library.register_fake("bisam::sam_perturb_")
 def _sam_perturb_fake(params, grads, backups, rho, rho_tensor, adaptive, eps, sq_norm):
-    return params[0].new_empty((), dtype=_accumulate_dtype(params[0].dtype))
+    return params[0].new_empty((), dtype=accumulate_dtype(params[0].dtype))
 
 
 @torch.library.register_fake("bisam::sam_restore_")
 def _sam_restore_fake(params, backups):
     return None
+
+
+def check_rho(rho, name: str = "rho") -> tuple[float, torch.Tensor | None]:
+    """(rho as a float, rho as a tensor or None), as the op takes them. A tensor rho is checked on the
+    device by the op (an invalid value skips the step; no host sync), a number here."""
+    if isinstance(rho, torch.Tensor):
+        if rho.numel() != 1 or not rho.is_floating_point():
+            raise ValueError(f"{name} must be a float or a one-element floating tensor, got a {rho.dtype} tensor "
+                             f"of shape {tuple(rho.shape)}")
+        return 0.0, rho
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+        raise TypeError(f"{name} must be a float or a one-element floating tensor, got {type(rho).__name__}")
+    value = float(rho)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and non-negative, got {value!r}")
+    return value, None
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+    return float(eps)
+
+
+def _rho_key(rho):
+    return ("tensor", id(rho)) if isinstance(rho, torch.Tensor) else float(rho)
+
+
+def _pick(tensors: list, indices: list[int] | None) -> list:
+    """tensors[indices]; None stands for every index in order (no copy: the common case)."""
+    return tensors if indices is None else [tensors[i] for i in indices]
+
+
+class _Perturb(NamedTuple):
+    indices: list[int] | None
+    rho_value: float
+    rho_tensor: torch.Tensor | None
+    adaptive: bool
+
+
+class _Term(NamedTuple):
+    indices: list[int] | None
+    adaptive: bool
+    shard_groups: tuple
+
+
+class FusedSAMPlan:
+    """How a list of tensors maps onto the fused ops, with one global gradient norm.
+
+    Tensor ``i`` has a grouping key (its dtype, or its device and dtype: one op call never mixes them),
+    a ``rho`` and an ``adaptive`` flag, and optionally the process groups its local shard is summed over
+    (FSDP2). The plan holds:
+
+    * one ``sam_perturb_`` call per (key, adaptive, rho);
+    * with several calls, or sharded tensors, the squared norm first: one ``grad_sq_norm`` term per
+      (key, adaptive, shard groups), all-reduced over its shard groups, summed in the promoted
+      accumulate dtype, and given to every call as ``sq_norm``;
+    * one ``sam_restore_`` call per key.
+
+    Lists of tensors are passed to :meth:`perturb_` / :meth:`restore_` in the plan's order, so that
+    a caller can cache the plan while its tensors stay the same.
+    """
+
+    def __init__(self, keys: Sequence, rhos: Sequence, adaptives: Sequence[bool], shard_groups: Sequence = ()):
+        n = len(keys)
+        if (len(set(keys)) <= 1 and all(r is rhos[0] for r in rhos) and all(a == adaptives[0] for a in adaptives)
+                and not any(shard_groups)):  # the common case, grouped without a loop: one call of each op
+            self.perturbs = [_Perturb(None, *check_rho(rhos[0]), adaptives[0])] if n else []
+            self.terms = [_Term(None, adaptives[0], ())] if n else []
+            self.restores = [None] if n else []
+            self.sharded = False
+            return
+        perturbs: dict[tuple, tuple[list[int], object, bool]] = {}
+        terms: dict[tuple, tuple[list[int], bool, tuple]] = {}
+        restores: dict = {}
+        for i, key in enumerate(keys):
+            rho, adaptive = rhos[i], adaptives[i]
+            shards = shard_groups[i] if shard_groups else ()
+            perturbs.setdefault((key, adaptive, _rho_key(rho)), ([], rho, adaptive))[0].append(i)
+            terms.setdefault((key, adaptive, shards), ([], adaptive, shards))[0].append(i)
+            restores.setdefault(key, []).append(i)
+        self.perturbs = [_Perturb(ix, *check_rho(rho), adaptive) for ix, rho, adaptive in perturbs.values()]
+        self.terms = [_Term(ix, adaptive, shards) for ix, adaptive, shards in terms.values()]
+        self.restores = list(restores.values())
+        self.sharded = any(t.shard_groups for t in self.terms)
+
+    def sq_norm(self, weights: list, grads: list) -> torch.Tensor | None:
+        """The global squared norm (of ``|w| g`` for adaptive tensors), or None for no tensors."""
+        sq = None
+        for term in self.terms:
+            gs = _pick(grads, term.indices)
+            part = _ops.grad_sq_norm(gs, _pick(weights, term.indices) if term.adaptive else [], term.adaptive)
+            for group in term.shard_groups:  # FSDP2: sum the local squared norms over the mesh dimension
+                torch.distributed.all_reduce(part, op=torch.distributed.ReduceOp.SUM, group=group)
+            if sq is None:
+                sq = part
+            else:
+                sq = sq + part.to(sq.device, torch.promote_types(sq.dtype, part.dtype))
+        return sq
+
+    def perturb_(self, weights: list, grads: list, backups: list, eps: float = DEFAULT_EPS,
+                 sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """``backup <- w``, ``w <- w + e(w)`` for every tensor; returns the global norm as the op reports it
+        (inf/NaN: a skipped step; NaN for an invalid rho tensor)."""
+        if not self.perturbs:
+            return torch.zeros((), dtype=torch.float32)
+        if sq_norm is None and (len(self.perturbs) > 1 or self.sharded):
+            sq_norm = self.sq_norm(weights, grads)
+        norm = None
+        for call in self.perturbs:
+            ws = _pick(weights, call.indices)
+            given = None if sq_norm is None else sq_norm.to(ws[0].device)
+            reported = _ops.sam_perturb_(ws, _pick(grads, call.indices), _pick(backups, call.indices),
+                                         call.rho_value, call.rho_tensor, call.adaptive, eps, given)
+            if norm is None:
+                norm = reported
+            elif call.rho_tensor is not None:  # NaN where that call's rho is invalid; otherwise the same norm
+                norm = torch.maximum(norm, reported.to(norm.device, norm.dtype))
+        return norm
+
+    def restore_(self, weights: list, backups: list) -> None:
+        """``w <- backup`` for every tensor, bit-exact."""
+        for indices in self.restores:
+            _ops.sam_restore_(_pick(weights, indices), _pick(backups, indices))
 
 
 def _as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
@@ -49,52 +175,32 @@ def _as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
     return out
 
 
-def _check_pairs(first: list, first_name: str, other: list, other_name: str) -> None:
-    """Same length, and each other[i] has the shape and dtype of first[i] (errors use global indices)."""
-    if len(other) != len(first):
-        raise ValueError(f"{other_name} has {len(other)} tensors but {first_name} has {len(first)}")
-    for i, (a, b) in enumerate(zip(first, other)):
-        if b.dtype != a.dtype:
-            raise TypeError(f"{other_name}[{i}] has dtype {b.dtype} but {first_name}[{i}] has dtype {a.dtype}")
-        if b.shape != a.shape:
-            raise ValueError(
-                f"{other_name}[{i}] has shape {tuple(b.shape)} but {first_name}[{i}] has shape {tuple(a.shape)}"
-            )
-
-
-def _dtype_groups(first: list[torch.Tensor], first_name: str, *others) -> list[list[int]]:
-    """Indices of `first` grouped by dtype, in first-seen order: one op call per group.
-
-    `others` are (tensors, name) lists paired elementwise with `first`. With one dtype the C++ op
-    checks the pairs itself; with several, pairs are checked here so errors carry global indices.
-    """
+def _check_lengths(first: list, first_name: str, *others) -> None:
     for tensors, name in others:
         if len(tensors) != len(first):
             raise ValueError(f"{name} has {len(tensors)} tensors but {first_name} has {len(first)}")
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(first):
-        groups.setdefault(t.dtype, []).append(i)
-    if len(groups) > 1:
-        for tensors, name in others:
-            _check_pairs(first, first_name, tensors, name)
-    return list(groups.values())
 
 
-def _pick(tensors: list[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
-    return tensors if len(indices) == len(tensors) else [tensors[i] for i in indices]
+def _check_pairs(first: list, first_name: str, *others) -> None:
+    """Each other[i] has the shape and dtype of first[i]. The op checks this within one call; a list split
+    into several calls is checked here, so that errors carry the caller's indices."""
+    for tensors, name in others:
+        for i, (a, b) in enumerate(zip(first, tensors)):
+            if b.dtype != a.dtype:
+                raise TypeError(f"{name}[{i}] has dtype {b.dtype} but {first_name}[{i}] has dtype {a.dtype}")
+            if b.shape != a.shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(b.shape)} but {first_name}[{i}] has shape "
+                                 f"{tuple(a.shape)}")
 
 
-def _check_rho(rho) -> tuple[float, torch.Tensor | None]:
-    """(rho as float, rho as tensor or None). A tensor rho is checked on the device, not here (no sync)."""
-    if isinstance(rho, torch.Tensor):
-        if rho.numel() != 1:
-            raise ValueError(f"rho must be a float or a one-element tensor, got shape {tuple(rho.shape)}")
-        return 0.0, rho
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"rho must be a float or a 0-dim tensor, got {type(rho).__name__}")
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be finite and non-negative, got {rho}")
-    return float(rho), None
+def _plan_for_lists(first: list, first_name: str, others, rho, adaptive: bool) -> FusedSAMPlan:
+    """The plan of one call of the functions below: grouped by dtype (one device per call: the op checks)."""
+    _check_lengths(first, first_name, *others)
+    n = len(first)
+    plan = FusedSAMPlan([t.dtype for t in first], [rho] * n, [adaptive] * n)
+    if len(plan.restores) > 1:
+        _check_pairs(first, first_name, *others)
+    return plan
 
 
 def grad_sq_norm(grads, params=None, adaptive: bool = False) -> torch.Tensor:
@@ -104,30 +210,15 @@ def grad_sq_norm(grads, params=None, adaptive: bool = False) -> torch.Tensor:
     Deterministic (fixed reduction order) and free of host synchronisation.
     """
     grads = _as_tensor_list(grads, "grads")
-    params = [] if params is None else _as_tensor_list(params, "params")
-    if not adaptive:
-        params = []
-    groups = _dtype_groups(grads, "grads", *([(params, "params")] if adaptive else []))
+    params = _as_tensor_list(params, "params") if adaptive and params is not None else []
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    if len(groups) == 1:
-        return _ops.grad_sq_norm(grads, params, adaptive)
-    parts = [
-        _ops.grad_sq_norm(_pick(grads, g), _pick(params, g) if adaptive else [], adaptive) for g in groups
-    ]
-    acc = torch.float64 if all(p.dtype == torch.float64 for p in parts) else torch.float32
-    return torch.stack([p.to(acc) for p in parts]).sum()
+    plan = _plan_for_lists(grads, "grads", [(params, "params")] if adaptive else [], 0.0, bool(adaptive))
+    return plan.sq_norm(params, grads)
 
 
-def sam_perturb_(
-    params,
-    grads,
-    backups,
-    rho,
-    adaptive: bool = False,
-    eps: float = 1e-12,
-    sq_norm: torch.Tensor | None = None,
-) -> torch.Tensor:
+def sam_perturb_(params, grads, backups, rho, adaptive: bool = False, eps: float = DEFAULT_EPS,
+                 sq_norm: torch.Tensor | None = None) -> torch.Tensor:
     """SAM ascent step, in place: ``backup <- w``, ``w <- w + rho * (w**2 if adaptive) * g / (norm + eps)``.
 
     ``norm`` is the global 2-norm of all grads (of ``|w| * g`` when adaptive), or ``sqrt(sq_norm)``
@@ -145,31 +236,19 @@ def sam_perturb_(
     params = _as_tensor_list(params, "params")
     grads = _as_tensor_list(grads, "grads")
     backups = _as_tensor_list(backups, "backups")
-    groups = _dtype_groups(params, "params", (grads, "grads"), (backups, "backups"))
-    rho_value, rho_tensor = _check_rho(rho)
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    check_rho(rho)
+    eps = check_eps(eps)
     if sq_norm is not None and not isinstance(sq_norm, torch.Tensor):
         raise TypeError(f"sq_norm must be a tensor or None, got {type(sq_norm).__name__}")
-    if not params:
-        return torch.zeros((), dtype=torch.float32)
-    if len(groups) > 1 and sq_norm is None:
-        sq_norm = grad_sq_norm(grads, params, adaptive)  # one global norm across dtype groups
-    norms = [
-        _ops.sam_perturb_(
-            _pick(params, g), _pick(grads, g), _pick(backups, g), rho_value, rho_tensor, adaptive, float(eps), sq_norm
-        )
-        for g in groups
-    ]
-    return norms[0]
+    plan = _plan_for_lists(params, "params", [(grads, "grads"), (backups, "backups")], rho, bool(adaptive))
+    return plan.perturb_(params, grads, backups, eps, sq_norm)
 
 
 def sam_restore_(params, backups) -> None:
     """``w <- backup`` for every pair, bit-exact (undoes :func:`sam_perturb_`)."""
     params = _as_tensor_list(params, "params")
     backups = _as_tensor_list(backups, "backups")
-    for g in _dtype_groups(params, "params", (backups, "backups")):
-        _ops.sam_restore_(_pick(params, g), _pick(backups, g))
+    _plan_for_lists(params, "params", [(backups, "backups")], 0.0, False).restore_(params, backups)
 
 
 class _SAMPerturbation(torch.autograd.Function):
@@ -210,7 +289,8 @@ class _SAMPerturbation(torch.autograd.Function):
         return grad_w, grad_g, grad_rho, None, None
 
 
-def sam_perturbation(w_flat: torch.Tensor, g_flat: torch.Tensor, rho, adaptive: bool = False, eps: float = 1e-12):
+def sam_perturbation(w_flat: torch.Tensor, g_flat: torch.Tensor, rho, adaptive: bool = False,
+                     eps: float = DEFAULT_EPS):
     """Out-of-place SAM perturbation ``rho * g / ||g||`` (ASAM form when ``adaptive``), with autograd.
 
     For research code that differentiates through the perturbation: the backward applies the
@@ -225,7 +305,6 @@ def sam_perturbation(w_flat: torch.Tensor, g_flat: torch.Tensor, rho, adaptive: 
         raise TypeError(f"w_flat and g_flat must share a floating dtype, got {w_flat.dtype} and {g_flat.dtype}")
     if w_flat.device != g_flat.device:
         raise ValueError(f"w_flat is on {w_flat.device} but g_flat is on {g_flat.device}")
-    if not isinstance(rho, torch.Tensor):
-        _check_rho(rho)
-    rho = torch.as_tensor(rho, dtype=g_flat.dtype, device=g_flat.device)
-    return _SAMPerturbation.apply(w_flat, g_flat, rho, bool(adaptive), float(eps))
+    check_rho(rho)
+    rho = torch.as_tensor(rho, dtype=g_flat.dtype, device=g_flat.device).reshape(())
+    return _SAMPerturbation.apply(w_flat, g_flat, rho, bool(adaptive), check_eps(eps))
