@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from bisam_kernels.ops.cross_entropy import SMOOTHING_STYLES, cross_entropy
 from bisam_kernels.optim import BiSAM
 
 __all__ = ["frozen_bn_stats", "bisam_step", "BiSAMStepOutput"]
@@ -64,16 +64,17 @@ class BiSAMStepOutput(NamedTuple):
     ascent_loss: torch.Tensor  # pass-1 (surrogate) loss at w, mean over the batch
     loss: torch.Tensor  # pass-2 training loss at w + e, mean over the batch
     logits: torch.Tensor  # pass-1 logits at w (for accuracy), all micro-batches concatenated
+    ascent_norm: torch.Tensor  # first_step's gradient norm; not finite: the perturbation was skipped
 
 
 _ASCENT_LOSSES = ("log", "tanh", "cross_entropy")
 
 
-def _builtin_loss(name: str, reduction: str, mu: float, alpha: float, label_smoothing: float, ignore_index: int):
+def _builtin_loss(name: str, reduction: str, mu: float, alpha: float, label_smoothing: float, smoothing_style: str,
+                  ignore_index: int):
+    """The built-in losses, all with the classes last ((..., K) logits, as bisam_loss takes them)."""
     if name == "cross_entropy":
-        return lambda z, y: F.cross_entropy(
-            z, y, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction
-        )
+        return lambda z, y: cross_entropy(z, y, label_smoothing, smoothing_style, reduction, ignore_index)
     import bisam_kernels  # the fused loss lives in the package namespace
 
     return lambda z, y: bisam_kernels.bisam_loss(
@@ -90,9 +91,13 @@ def _split(batch, k: int) -> list:
     raise TypeError(f"inputs must be a tensor or a tuple/list of tensors, got {type(batch).__name__}")
 
 
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
 def _grad_sync(model: nn.Module, sync: bool):
     """DDP's ``no_sync`` when ``sync`` is False; a no-op for other models (FSDP2 always reduces)."""
-    if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
+    if not sync and _is_ddp(model):
         return model.no_sync()
     return contextlib.nullcontext()
 
@@ -126,6 +131,7 @@ def bisam_step(
     alpha: float = 0.1,
     loss_fn: Callable | None = None,
     label_smoothing: float = 0.1,
+    label_smoothing_style: str = "pytorch",
     ignore_index: int = -100,
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -139,17 +145,24 @@ def bisam_step(
         model: the network (plain, DDP-wrapped, or FSDP2-sharded); called as ``model(inputs)``
             (``model(*inputs)`` for a tuple).
         optimizer: a :class:`bisam_kernels.BiSAM` over the model's parameters.
-        inputs, targets: the batch; ``targets`` are class indices (N,) for the built-in losses.
+        inputs, targets: the batch; for the built-in losses the model returns logits ``(N, K)`` or
+            ``(..., K)`` with the classes last (a language model's ``(B, T, V)``) and ``targets`` are class
+            indices of the logits' shape without the last dimension (or class probabilities of the
+            logits' shape, for the cross-entropy).
         ascent_loss: the pass-1 loss at ``w``: ``"log"`` or ``"tanh"`` (BiSAM's lower bound,
             :func:`bisam_kernels.bisam_loss` with ``mu``/``alpha``), ``"cross_entropy"`` (plain SAM: the
             pass-2 loss, label smoothing included), or a callable ``(logits, targets) -> mean loss``.
         loss_fn: the pass-2 training loss at ``w + e``; default cross-entropy with ``label_smoothing``.
+        label_smoothing_style: ``"pytorch"`` (``F.cross_entropy``'s ``s / K`` on every class) or
+            ``"released"`` (the BiSAM release's ``smooth_crossentropy``: ``1 - s`` on the target, ``s / (K - 1)``
+            on every other class; see :func:`bisam_kernels.smooth_cross_entropy`).
         ignore_index: targets ignored by the built-in losses (the mean is over the other rows; with no
             valid row the loss is NaN with one micro-batch, as ``F.cross_entropy``, 0 with several; the
             gradient is 0 either way).
         scaler: a ``torch.amp.GradScaler``; both passes are scaled, pass 1 needs no unscale (the
-            perturbation direction does not depend on the scale; an overflowed pass 1 skips the
-            perturbation), pass 2 goes through ``scaler.step`` and ``scaler.update``.
+            perturbation direction does not depend on the scale), pass 2 goes through ``scaler.step`` and
+            ``scaler.update``. An overflowed pass 1 (its perturbation skipped) counts as an overflowed
+            step: the update is skipped and the scale backs off, on every DDP replica alike.
         autocast_dtype: run the forward passes under ``torch.autocast`` with this dtype (``torch.bfloat16``,
             ``torch.float16``); ``None``: no autocast (or the caller's own).
         micro_batches: split the batch into this many micro-batches and accumulate the gradients of
@@ -159,7 +172,9 @@ def bisam_step(
             ``True``: pass-1 gradients are all-reduced, so all replicas apply the same perturbation.
         freeze_bn: freeze BatchNorm running statistics in pass 2 (:func:`frozen_bn_stats`).
 
-    Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits)``, detached, on the device.
+    Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits, ascent_norm)``, detached, on the device.
+
+    Runs eagerly (the optimizer steps are graph breaks under ``torch.compile``): compile the model.
     """
     if not isinstance(optimizer, BiSAM):
         raise TypeError(f"optimizer must be a bisam_kernels.BiSAM (or SAM), got {type(optimizer).__name__}")
@@ -167,26 +182,30 @@ def bisam_step(
         raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
-    n_rows = targets.shape[0]
-    if micro_batches > max(n_rows, 1):
-        raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {n_rows}")
+    if targets.dim() == 0:
+        raise ValueError("targets must have a batch dimension, got a 0-dim tensor")
+    if label_smoothing_style not in SMOOTHING_STYLES:
+        raise ValueError(f"label_smoothing_style must be one of {SMOOTHING_STYLES}, got {label_smoothing_style!r}")
+    batch = targets.shape[0]
+    if micro_batches > max(batch, 1):
+        raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch}")
 
     x_chunks, y_chunks = _split(inputs, micro_batches), _split(targets, micro_batches)
     # One micro-batch: the built-in losses are mean-reduced (as F.cross_entropy: NaN when no row is valid).
     # Several: sum-reduced and weighted by 1 / (valid rows of the whole batch, at least 1), on the device.
     # A user's mean-reduced loss is weighted by its micro-batch's share of the rows. Either way the
     # micro-batch losses add up to the batch mean.
-    fractions = [y.shape[0] / max(n_rows, 1) for y in y_chunks]
+    fractions = [y.shape[0] / max(batch, 1) for y in y_chunks]
     if micro_batches == 1:
         reduction, per_row = "mean", [1.0]
-    elif targets.is_floating_point():  # class probabilities: every row counts
-        reduction, per_row = "sum", [1.0 / n_rows] * micro_batches
+    elif targets.is_floating_point():  # class probabilities (..., K): every row counts
+        reduction, per_row = "sum", [targets.shape[-1] / max(targets.numel(), 1)] * micro_batches
     else:
         n_valid = (targets != ignore_index).sum().clamp_min(1).to(torch.float32)  # no host sync
         reduction, per_row = "sum", [1.0 / n_valid] * micro_batches
 
     def builtin(name):
-        return _builtin_loss(name, reduction, mu, alpha, label_smoothing, ignore_index), per_row
+        return _builtin_loss(name, reduction, mu, alpha, label_smoothing, label_smoothing_style, ignore_index), per_row
 
     loss2, w2 = builtin("cross_entropy") if loss_fn is None else (loss_fn, fractions)
     if isinstance(ascent_loss, str):
@@ -206,7 +225,12 @@ def bisam_step(
 
     optimizer.zero_grad()
     ascent, logits = _one_pass(model, x_chunks, y_chunks, loss1, w1, scaler, autocast, sync_first_pass, True)
-    optimizer.first_step(zero_grad=True)
+    norm = optimizer.first_step(zero_grad=True)
+    if scaler is not None and scaler.is_enabled() and not sync_first_pass and _is_ddp(model):
+        # Each replica perturbed with its own pass-1 gradients, so an overflow there is local: a NaN factor
+        # on the pass-2 loss carries it through DDP's gradient all-reduce, and every replica skips the step.
+        overflow = torch.where(torch.isfinite(norm), 1.0, float("nan")).to(torch.float32)
+        w2 = [w * overflow for w in w2]
     with frozen_bn_stats(model) if freeze_bn else contextlib.nullcontext():
         try:
             loss, _ = _one_pass(model, x_chunks, y_chunks, loss2, w2, scaler, autocast, True, False)
@@ -216,4 +240,4 @@ def bisam_step(
     optimizer.second_step(zero_grad=True, scaler=scaler)
     if scaler is not None:
         scaler.update()
-    return BiSAMStepOutput(ascent, loss, logits[0] if len(logits) == 1 else torch.cat(logits))
+    return BiSAMStepOutput(ascent, loss, logits[0] if len(logits) == 1 else torch.cat(logits), norm.detach())

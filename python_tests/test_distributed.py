@@ -4,6 +4,7 @@
   micro-batches: the ranks hold identical weights after every step, and the step equals a
   single-process recomputation (the mean over replicas of the pass-2 gradients, each taken at that
   replica's own perturbation; or one perturbation from the whole batch).
+- DDP with a GradScaler: a pass-1 overflow on one replica skips the step on every replica.
 - FSDP2 (``fully_shard``): the sharded run matches a single-process run on the whole batch (the
   squared norm of the local shards is all-reduced before the perturbation).
 """
@@ -142,6 +143,35 @@ def _ddp_worker(rank: int) -> None:
 
 def test_ddp_per_replica_and_synchronised_first_pass(tmp_path):
     _spawn(_ddp_worker, tmp_path)
+
+
+def _ddp_overflow_worker(rank: int) -> None:
+    """Per-replica pass 1 with a GradScaler: pass 1 overflows on rank 0 only. Both replicas must skip the
+    step and back off (rank 1's own pass 1 was finite: the overflow reaches it through pass 2's all-reduce),
+    so the weights stay identical across ranks; the next, finite, step is taken on both."""
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(_mlp())
+    opt = bk.BiSAM(ddp.parameters(), torch.optim.SGD, rho=0.2, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    (x, y), (x2, y2) = _batches(2, 2 * 8)
+    overflow_here = rank == 0
+
+    def ascent(z, t):  # what an fp16 overflow leaves in one replica's pass-1 gradients
+        return bk.bisam_loss(z, t) * (float("inf") if overflow_here else 1.0)
+
+    before = [p.detach().clone() for p in ddp.parameters()]
+    out = bk.bisam_step(ddp, opt, _shard(x, rank), _shard(y, rank), ascent_loss=ascent, scaler=scaler)
+    assert bool(torch.isfinite(out.ascent_norm)) != overflow_here
+    assert all(torch.equal(p, b) for p, b in zip(ddp.parameters(), before)), f"rank {rank} stepped"
+    assert scaler.get_scale() == 2.0**9, f"rank {rank}: scale {scaler.get_scale()}"
+    overflow_here = False
+    bk.bisam_step(ddp, opt, _shard(x2, rank), _shard(y2, rank), ascent_loss=ascent, scaler=scaler)
+    assert not any(torch.equal(p, b) for p, b in zip(ddp.parameters(), before)), f"rank {rank} did not step"
+    _assert_same_on_all_ranks(list(ddp.parameters()), "after a one-replica pass-1 overflow")
+
+
+def test_ddp_per_replica_overflow_skips_the_step_on_every_replica(tmp_path):
+    _spawn(_ddp_overflow_worker, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

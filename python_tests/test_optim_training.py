@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from test_optim import BASES, assert_models_close, make_batches, small_cnn, state_tensors
 
 import bisam_kernels as bk
+from bisam_kernels import references as R
 
 # ---------------------------------------------------------------------------------------------
 # frozen_bn_stats
@@ -165,21 +166,81 @@ def test_grad_scaler_leaves_the_trajectory_unchanged():
     assert scalers[0].get_scale() > 2.0**12  # it grew: no step was skipped
 
 
-def test_overflowed_first_pass_skips_the_perturbation():
-    model = small_cnn()
-    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
-    x, y = make_batches(1)[0]
-    loss = bk.bisam_loss(model(x), y)
-    scaler.scale(loss * float("inf")).backward()  # what an fp16 overflow leaves in the gradients
-    before = [p.detach().clone() for p in model.parameters()]
-    assert not torch.isfinite(opt.first_step(zero_grad=True))
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    with bk.frozen_bn_stats(model):
-        scaler.scale(F.cross_entropy(model(x), y)).backward()
-    opt.second_step(zero_grad=True, scaler=scaler)
-    scaler.update()
-    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # plain step taken
+def test_overflowed_first_pass_skips_the_step_and_backs_off():
+    """A skipped perturbation (non-finite pass-1 norm) counts as an overflowed step for the scaler: no
+    update (not a silent SGD step at w), and the scale backs off, also when the caller unscaled first."""
+    for unscale_first in (False, True):
+        model = small_cnn()
+        opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+        x, y = make_batches(1)[0]
+        loss = bk.bisam_loss(model(x), y)
+        scaler.scale(loss * float("inf")).backward()  # what an fp16 overflow leaves in the gradients
+        before = [p.detach().clone() for p in model.parameters()]
+        assert not torch.isfinite(opt.first_step(zero_grad=True))
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        with bk.frozen_bn_stats(model):
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if unscale_first:
+            scaler.unscale_(opt)  # e.g. to clip
+        opt.second_step(zero_grad=True, scaler=scaler)
+        scaler.update()
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "step not skipped"
+        assert scaler.get_scale() == 2.0**19
+
+
+def _fp16_mlp(device):
+    torch.manual_seed(torch.initial_seed() % 2**31)
+    return nn.Sequential(nn.Linear(20, 32), nn.SiLU(), nn.BatchNorm1d(32), nn.Linear(32, 10)).to(device)
+
+
+def _weights_seen_in_pass_two(model):
+    """Records the first layer's weight at every forward: pass 2 sees w + e, so a change shows a perturbation."""
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
+    return seen
+
+
+def test_fp16_autocast_with_a_default_grad_scaler_perturbs_every_step(device):
+    """Issue 9.1: with fp16 autocast and GradScaler() (scale 65536) every step perturbs: finite norm, the
+    weights moved in pass 2, no step skipped. (The loss used to be float16: 65536 overflowed it.)"""
+    model = _fp16_mlp(device)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler(device)
+    seen = _weights_seen_in_pass_two(model)
+    for step in range(5):
+        x, y = torch.randn(16, 20, device=device), torch.randint(0, 10, (16,), device=device)
+        out = bk.bisam_step(model, opt, x, y, autocast_dtype=torch.float16, scaler=scaler)
+        assert out.logits.dtype == torch.float16 and out.ascent_loss.dtype == torch.float32
+        assert torch.isfinite(out.ascent_norm) and out.ascent_norm > 0, f"step {step}: perturbation skipped"
+        w_pass1, w_pass2 = seen[-2], seen[-1]
+        assert not torch.equal(w_pass1, w_pass2), f"step {step}: weights not perturbed in pass 2"
+    assert scaler.get_scale() == 65536.0  # no step overflowed
+
+
+def test_real_fp16_overflow_in_pass_one_makes_the_scaler_back_off():
+    """A pass-1 loss whose scaled gradient overflows float16 for real (not an injected inf): the steps are
+    skipped and the scale backs off until pass 1 fits, after which the steps perturb."""
+    model = _fp16_mlp("cpu")
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = torch.randn(8, 20), torch.randint(0, 10, (8,))
+
+    def steep_ascent_loss(z, t):  # gradients 1e4 x those of the lower bound: 65536 x 1e4 / 8 overflows fp16
+        return 1e4 * bk.bisam_loss(z, t)
+
+    overflows, perturbed = 0, 0
+    for _ in range(20):
+        before = [p.detach().clone() for p in model.parameters()]
+        out = bk.bisam_step(model, opt, x, y, ascent_loss=steep_ascent_loss, autocast_dtype=torch.float16,
+                            scaler=scaler)
+        finite = bool(torch.isfinite(out.ascent_norm))
+        moved = not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert moved == finite, "an overflowed pass 1 must skip the step; a finite one must take it"
+        overflows += not finite
+        perturbed += finite
+        assert scaler.get_scale() == 65536.0 / 2**overflows  # each overflow backed off once
+    assert overflows >= 5 and perturbed >= 5, (overflows, perturbed)
 
 
 def test_overflowed_second_pass_restores_and_skips_the_step():
@@ -271,3 +332,109 @@ def test_bisam_step_bad_input():
     with pytest.raises(TypeError, match="inputs"):
         bk.bisam_step(model, opt, {"x": x}, y)
     assert not opt.perturbed
+
+
+# ---------------------------------------------------------------------------------------------
+# classes-last logits, the released smoothing, torch.compile, the documented loops
+# ---------------------------------------------------------------------------------------------
+
+
+class _TinyLM(nn.Module):
+    """Tokens (B, T) -> logits (B, T, V), the classes last."""
+
+    def __init__(self, vocab=11, width=8):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("style", ["pytorch", "released"])
+def test_bisam_step_on_language_model_logits(micro_batches, style):
+    """Issue 9.4: (B, T, V) logits go through both built-in passes the same way, as rows of (B*T, V)."""
+    model = _TinyLM()
+    flat = copy.deepcopy(model)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt_flat = bk.BiSAM(flat.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    for _ in range(3):
+        tokens, targets = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+        targets[0, :2] = -100
+        style_kw = {} if style == "pytorch" else {"label_smoothing_style": style}  # the default pass 2 as it was
+        out = bk.bisam_step(model, opt, tokens, targets, micro_batches=micro_batches, **style_kw)
+        assert out.logits.shape == (4, 6, 11)
+        # the reference: the same rows, flattened by hand, one micro-batch, the loss written out
+        z = flat(tokens).reshape(-1, 11)
+        bk.bisam_loss(z, targets.reshape(-1)).backward()
+        opt_flat.first_step(zero_grad=True)
+        z = flat(tokens).reshape(-1, 11)
+        valid = targets.reshape(-1) != -100
+        if style == "released":
+            rows = R.smooth_crossentropy_released(z[valid], targets.reshape(-1)[valid], 0.1)
+            rows.mean().backward()
+        else:
+            F.cross_entropy(z, targets.reshape(-1), label_smoothing=0.1).backward()
+        opt_flat.second_step(zero_grad=True)
+        assert_models_close(model, flat, 1e-6)
+
+
+def test_released_label_smoothing_in_bisam_step_follows_the_released_script():
+    """label_smoothing_style="released": pass 2 is the released smooth_crossentropy (mean over rows)."""
+    model = small_cnn()
+    ref = copy.deepcopy(model)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for x, y in make_batches(3):
+        bk.bisam_step(model, opt, x, y, label_smoothing=0.2, label_smoothing_style="released")
+        R.released_enable_running_stats(ref)
+        R.bisam_loss_released(ref(x), y, "log").backward()
+        params = [p for p in ref.parameters() if p.grad is not None]
+        old = R.sam_first_step_loop(params, [p.grad for p in params], 0.1)
+        ref_opt.zero_grad()
+        R.released_disable_running_stats(ref)
+        R.smooth_crossentropy_released(ref(x), y, 0.2).mean().backward()
+        R.sam_restore_loop(params, old)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        R.released_enable_running_stats(ref)
+        assert_models_close(model, ref, 1e-5)
+
+
+def test_bisam_step_under_torch_compile_equals_eager():
+    """Issue 9.2: a compiled bisam_step (the optimizer steps are graph breaks) trains like the eager one."""
+    model = small_cnn()
+    other = copy.deepcopy(model)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt2 = bk.BiSAM(other.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    compiled_step = torch.compile(bk.bisam_step, backend="eager")
+    for x, y in make_batches(3):
+        compiled_step(model, opt, x, y)
+        bk.bisam_step(other, opt2, x, y)
+        assert not opt.perturbed
+        assert_models_close(model, other, 1e-6)
+
+
+def _documented_snippet(path: str, marker: str) -> str:
+    """The python code block of a doc that contains ``marker``."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / path).read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if marker in b]
+    assert len(blocks) == 1, f"{path}: expected one python block containing {marker!r}, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_documented_closure_form_equals_bisam_step():
+    """Issue 9.6: the closure form of docs/optimizer.md, as written there, trains exactly like bisam_step
+    (BatchNorm statistics included)."""
+    snippet = _documented_snippet("docs/optimizer.md", "opt.step(closure)")
+    model = small_cnn()
+    other = copy.deepcopy(model)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt2 = bk.BiSAM(other.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    for x, y in make_batches(3):
+        exec(snippet, {"bk": bk, "F": F, "torch": torch, "model": model, "opt": opt, "x": x, "y": y})
+        bk.bisam_step(other, opt2, x, y)
+        assert_models_close(model, other, 1e-6)
