@@ -7,6 +7,7 @@ gives the test accuracy, the test cross-entropy and the training seconds per epo
 
     python examples/train_digits.py            # the full comparison (about a minute on 2 CPU cores, 3 seeds)
     python examples/train_digits.py --quick    # a few seconds, for CI
+    python examples/train_digits.py --help     # every option, with its default
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copy
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -60,12 +62,16 @@ def make_model(width: int = 16, num_classes: int = 10) -> nn.Module:
     )
 
 
-METHODS = {
-    # name: (ascent loss for bisam_step, or None for plain SGD)
-    "SGD": None,
-    "SAM": "cross_entropy",
-    "BiSAM (tanh)": "tanh",
-    "BiSAM (log)": "log",
+class Method(NamedTuple):
+    display_name: str  # as printed in the table
+    ascent_loss: str | None  # for bisam_step; None trains with plain SGD
+
+
+METHODS = {  # keyed by the name given to --methods
+    "sgd": Method("SGD", None),
+    "sam": Method("SAM", "cross_entropy"),
+    "bisam_tanh": Method("BiSAM (tanh)", "tanh"),
+    "bisam_log": Method("BiSAM (log)", "log"),
 }
 
 
@@ -85,7 +91,7 @@ def train(method: str, init: nn.Module, data, args, seed: int) -> dict:
     x_train, y_train, x_test, y_test = data
     model = copy.deepcopy(init)
     kw = dict(lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
-    ascent = METHODS[method]
+    name, ascent = METHODS[method]
     if ascent is None:
         opt = torch.optim.SGD(model.parameters(), **kw)
     else:
@@ -96,8 +102,8 @@ def train(method: str, init: nn.Module, data, args, seed: int) -> dict:
     )
     gen = torch.Generator().manual_seed(seed)  # the same batches for every method
     seconds = 0.0
-    bar = tqdm(range(args.epochs), desc=f"{method:>12}", leave=False, disable=args.no_progress, file=sys.stderr)
-    for _ in bar:
+    bar = tqdm(total=args.epochs, desc=f"{name:>12}", leave=False, disable=args.no_progress, file=sys.stderr)
+    for _ in range(args.epochs):
         order = torch.randperm(len(y_train), generator=gen)
         start = time.perf_counter()
         for i in range(0, len(y_train), args.batch_size):
@@ -113,9 +119,12 @@ def train(method: str, init: nn.Module, data, args, seed: int) -> dict:
         seconds += time.perf_counter() - start
         if not args.no_progress:
             acc, loss = evaluate(model, x_test, y_test)
-            bar.set_postfix(test_acc=f"{acc:.4f}", test_loss=f"{loss:.4f}")
+            # drawn by the update below, so the metrics appear next to the count of the epoch they belong to
+            bar.set_postfix(test_acc=f"{acc:.4f}", test_loss=f"{loss:.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
     acc, loss = evaluate(model, x_test, y_test)
-    return dict(method=method, acc=acc, loss=loss, sec_per_epoch=seconds / args.epochs)
+    return dict(method=name, acc=acc, loss=loss, sec_per_epoch=seconds / args.epochs)
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -151,24 +160,44 @@ def format_table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+QUICK_EPOCHS, QUICK_SEEDS, QUICK_TRAIN_IMAGES = 2, [0], 256
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--rho", type=float, default=0.05)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--epochs", type=int, default=30, help="training epochs per method and seed")
+    p.add_argument("--batch-size", type=int, default=64, help="training images per step")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--rho", type=float, default=0.05, help="SAM/BiSAM perturbation radius")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels replaced at random")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="initialisation and batch-order seeds")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
-    p.add_argument("--quick", action="store_true", help="2 epochs on 256 training images (CI smoke test)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        type=str.lower,  # applied before the choices are checked, so any case is accepted
+        default=list(METHODS),
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"optimizers to compare, any of: {', '.join(METHODS)} (case-insensitive)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"CI smoke test: {QUICK_TRAIN_IMAGES} training images, {QUICK_EPOCHS} epochs, seed {QUICK_SEEDS[0]} "
+        "(an explicit --epochs or --seeds wins)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny CNN)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.epochs, args.seeds = 2, args.seeds[:1]
+    if args.quick:  # parsed again with quick defaults, so that explicit --epochs and --seeds still win
+        p.set_defaults(epochs=QUICK_EPOCHS, seeds=QUICK_SEEDS)
+        args = p.parse_args(argv)
+    args.methods = list(dict.fromkeys(args.methods))  # "sgd SGD" names one method: train it once
     return args
 
 
@@ -177,7 +206,7 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     data = load_digits_tensors(args.split_seed, label_noise=args.label_noise)
     if args.quick:
-        data = (data[0][:256], data[1][:256], *data[2:])
+        data = (data[0][:QUICK_TRAIN_IMAGES], data[1][:QUICK_TRAIN_IMAGES], *data[2:])
     args.n_train, args.n_test = len(data[1]), len(data[3])
     runs = []
     for seed in args.seeds:
