@@ -8,7 +8,7 @@ Implementations, side by side in one run (bisam_kernels.references):
   eager     vectorised eager PyTorch, gather / logsumexp (`bisam_loss_eager`)
   compiled  torch.compile of `eager` (on CUDA; it compiles for minutes on a CPU)
 One call = forward + backward on fresh logits (a leaf whose .grad is reset), phi="log", mu=1, mean.
-Bytes moved (DESIGN.md section 4), the floor every implementation is measured against: the logits
+Bytes moved (docs/design.md section 4), the floor every implementation is measured against: the logits
 read once and the gradient written once when a row fits on chip (K <= 8192), read twice otherwise.
 
     python -m pytest bench/bench_bisam_loss.py --benchmark-enable

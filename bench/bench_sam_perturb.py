@@ -5,7 +5,7 @@ Implementations, side by side in one run:
   released  the canonical per-parameter SAM loop (first_step loop, restore by `p.data = old_p`)
   eager     vectorised eager PyTorch (torch._foreach_*)
   compiled  torch.compile of `eager` (slow to compile on the CPU: GPU and full runner runs only)
-Bytes moved per call (DESIGN.md section 4): norm reads g (P*b), apply reads g, w and writes
+Bytes moved per call (docs/design.md section 4): norm reads g (P*b), apply reads g, w and writes
 backup, w (4*P*b), restore reads backup and writes w (2*P*b): 7*P*b.
 
     python -m pytest bench/bench_sam_perturb.py --benchmark-enable
