@@ -9,15 +9,12 @@ measured in the same process (bytes read + bytes written).
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet in the tables
-
-import torch  # noqa: E402
+import torch
 
 CACHE_BYTES = {"cuda": 60 << 20, "cpu": 64 << 20}  # H200 L2 is 50 MB; CPU L3 sizes vary: err large
 

@@ -1,16 +1,18 @@
 """The runner's bookkeeping: ratios compare implementations of the same workload and dtype; the
-target workloads come first and a time budget skips (and records) what it leaves out."""
+target workloads come first and a time budget skips (and records) what it leaves out; the table
+lists the workloads in their natural order; the profiler's log lines stay off stderr."""
 
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import harness, run  # noqa: E402
 
 
-def row(impl, dtype, seconds):
-    return {"workload": "sam_x", "impl": impl, "dtype": dtype, "median_s": seconds, "floor_bytes": 100,
+def row(impl, dtype, seconds, workload="sam_x"):
+    return {"workload": workload, "impl": impl, "dtype": dtype, "median_s": seconds, "floor_bytes": 100,
             "achieved_gbps": 100 / seconds / 1e9}
 
 
@@ -64,3 +66,57 @@ def test_interrupt_keeps_the_measured_rows_and_lists_the_rest(tmp_path, monkeypa
     assert len(result["rows"]) == 1
     assert len(result["skipped_for_time"]) == len(run.collect_cases("cpu", quick=True, compiled=False)) - 1
     assert "not measured (interrupted)" in capsys.readouterr().out
+
+
+def test_table_lists_workloads_in_built_order_whatever_the_measurement_order():
+    """The targets are measured first; the table still reads SAM, loss, training step, fused first."""
+    built = run.build_cases("cpu", quick=False, compiled=True)
+    measured = run.collect_cases("cpu", quick=False, compiled=True)
+    keys = [(c.workload, c.params["dtype"], c.impl) for c in built]
+    assert [(c.workload, c.params["dtype"], c.impl) for c in measured] != keys
+    rows = [row(c.impl, c.params["dtype"], 1.0, workload=c.workload) for c in measured]
+    harness.add_ratios(rows, "fused", copy_bytes_per_s=1e9)
+    table = run.format_table(run.in_built_order(rows, built), copy_gbps=1.0)
+    printed = [tuple(line.split()[:3]) for line in table.splitlines()[3:]]  # below the header
+    assert printed == keys
+    families = [workload.split("_")[0] for workload, _, _ in printed]
+    assert families == sorted(families, key=["sam", "loss", "train"].index)
+    first_impls = {}
+    for workload, _, impl in printed:
+        first_impls.setdefault(workload, impl)
+    assert set(first_impls.values()) == {"fused"}
+
+
+def test_step_overhead_below_the_noise_is_not_printed_as_a_negative_share():
+    rows = [row("fused", "float32", 1.0, workload="train_step_x"), row("passes", "float32", 1.2, "train_step_x")]
+    harness.add_ratios(rows, "fused", copy_bytes_per_s=1e9)
+    run.add_step_overhead(rows)
+    table = run.format_table(rows, copy_gbps=1.0)
+    assert "below this run's timing noise" in table and "-20.0%" not in table
+    rows[1]["median_s"] = 0.9
+    run.add_step_overhead(rows)
+    assert "10.0% of the fused BiSAM step is spent outside" in run.format_table(rows, copy_gbps=1.0)
+
+
+def test_profiler_logs_stay_off_stderr_and_warnings_still_show():
+    """Importing the runner quiets kineto's USDT start/stop lines and c10's note on blocks freed
+    inside a memory profile (both through the progress bar before); Python warnings still show."""
+    script = """
+import warnings
+from bench import run  # first, as in `python -m bench.run`: its set-up precedes the torch import
+from bench import harness
+import torch
+
+state = [torch.ones(1 << 16)]
+def replace_state():
+    state[0] = torch.ones(1 << 16)  # frees a block allocated before the profile started
+harness.count_launches(replace_state, "cpu")
+harness.extra_memory(replace_state, "cpu")
+warnings.warn("a real warning")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("KINETO_LOG_LEVEL", "TORCH_CPP_LOG_LEVEL")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(run.__file__)),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "USDT" not in done.stderr and "Memory block of unknown size" not in done.stderr
+    assert "UserWarning: a real warning" in done.stderr

@@ -32,7 +32,7 @@ log="$repo/build/extension-build.log"
 build_stamp="$repo/build/.extension.sha"
 build_key="$(cd "$repo" && cat setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)-${BISAM_REQUIRE_CUDA:-}-${TORCH_CUDA_ARCH_LIST:-}-${BISAM_FORCE_CPU:-}"
 if [ "$(cat "$build_stamp" 2>/dev/null)" = "$build_key" ] && python -c "import bisam_kernels" 2>/dev/null; then
-  echo "bisam_kernels: extension up to date (build/extension-build.log)"
+  built_now=""
 else
   if ! (cd "$repo" && python -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1); then
     tail -n 60 "$log"
@@ -40,9 +40,26 @@ else
     exit 1
   fi
   echo "$build_key" > "$build_stamp"
+  built_now=1
 fi
-grep -m1 -o "bisam_kernels: building the [A-Za-z-]* extension" "$log" || true
-for cu in $(grep -o "nvcc .* -c [^ ]*\.cu" "$log" | grep -o "[^ ]*\.cu$" | sort -u); do
-  echo "  nvcc compiled ${cu#"$repo"/} for $(grep -o -- "-gencode=[^ ]*" "$log" | sort -u | sed 's/.*code=//' | tr '\n' ' ')"
-done
-python -c "import bisam_kernels as bk; print('bisam_kernels built; CUDA kernels:', bk.built_with_cuda())"
+# The log is that of the last build: the CUDA architectures it compiled for (none for a CPU-only build).
+archs="$({ grep -o -- "-gencode=[^ ]*" "$log" || true; } | sed 's/.*code=//' | sort -u | tr '\n' ' ' | sed 's/ $//')"
+if [ -n "$built_now" ]; then
+  grep -m1 -o "bisam_kernels: building the [A-Za-z-]* extension" "$log" || true
+  for cu in $(grep -o "nvcc .* -c [^ ]*\.cu" "$log" | grep -o "[^ ]*\.cu$" | sort -u); do
+    echo "  nvcc compiled ${cu#"$repo"/} for $archs"
+  done
+fi
+# Which kernels the extension carries and whether a GPU is here to run them: with nvcc but no GPU
+# (CI) the CUDA kernels are built all the same, and everything runs on the CPU.
+python - "$archs" "$built_now" <<'EOF_PY'
+import sys
+import torch
+import bisam_kernels as bk
+
+archs, built_now = sys.argv[1:]
+kernels = f"built with CUDA kernels for {archs}" if bk.built_with_cuda() else "built CPU-only"
+device = f"GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU present: running on the CPU"
+print(f"bisam_kernels: extension {kernels}; {device}" if built_now
+      else f"bisam_kernels: extension up to date ({kernels}; {device})")
+EOF_PY
