@@ -6,7 +6,7 @@ uses a lower bound of the 0-1 loss. See README.md for the API and docs/design.md
 
 from bisam_kernels import ops
 from bisam_kernels._extension import built_with_cuda
-from bisam_kernels.ops.bisam_loss import BiSAMLoss, bisam_loss
+from bisam_kernels.ops.row_loss import BiSAMLoss, bisam_loss
 from bisam_kernels.ops.cross_entropy import smooth_cross_entropy
 from bisam_kernels.optim import SAM, BiSAM
 from bisam_kernels.training import BiSAMStepOutput, bisam_step, frozen_bn_stats

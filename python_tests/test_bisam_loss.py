@@ -2,10 +2,9 @@
 
 Every check runs through the Triton kernels (under TRITON_INTERPRET=1 on CPU tensors when there is no
 GPU, on CUDA tensors when there is one) and through the composite CPU path. Buffers the kernels write
-are NaN-poisoned first (the module allocates them through one function, replaced here).
+are NaN-poisoned first (the launcher allocates them through one function, replaced here).
 """
 
-import importlib
 import math
 import os
 
@@ -15,9 +14,10 @@ import torch
 from conftest import requires_cuda
 
 import bisam_kernels as bk
+from bisam_kernels.ops import row_loss
+from bisam_kernels.ops.row_loss import launch, modes
+from bisam_kernels.ops.row_loss.modes import Phi, Reduction
 from bisam_kernels.references import bisam_loss_eager, bisam_loss_fp64, bisam_loss_released
-
-M = importlib.import_module("bisam_kernels.ops.bisam_loss")  # (bk.ops.bisam_loss is the function)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PHIS = ["tanh", "log"]
@@ -36,7 +36,7 @@ class Route:
         self.triton = triton
 
     def __enter__(self):
-        self._cm = M.triton_on_cpu(self.triton)
+        self._cm = row_loss.triton_on_cpu(self.triton)
         return self._cm.__enter__()
 
     def __exit__(self, *exc):
@@ -63,7 +63,7 @@ def poison(monkeypatch):
         fill = float("nan") if dtype.is_floating_point else -7
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    monkeypatch.setattr(M, "_empty", empty)
+    monkeypatch.setattr(launch, "empty", empty)
 
 
 def make_inputs(N, K, device, dtype=torch.float32, scale=3.0, ignored=0.2, target_dtype=torch.int64):
@@ -189,60 +189,60 @@ def test_launcher_forward_with_and_without_gradient(phi, K):
     z, t = make_inputs(N, K, KERNEL_DEVICE)
     ref_loss, ref_grad = reference(z, t, phi=phi, mu=3.0, alpha=0.2, reduction="mean")
     g = torch.full_like(z, float("nan"))
-    loss, out = M._triton_forward(z, t, M.PHIS[phi], 3.0, 0.2, IGNORE, M._MEAN, 1.0, g)
+    loss, out = launch.triton_forward(z, t, modes.PHIS[phi], 3.0, 0.2, IGNORE, Reduction.MEAN, 1.0, g)
     assert out is g
     assert_close(loss, ref_loss, 1e-5, "loss")
     assert_close(g, ref_grad, 1e-5, "gradient")
-    loss_only, none = M._triton_forward(z, t, M.PHIS[phi], 3.0, 0.2, IGNORE, M._MEAN, 1.0, None)
+    loss_only, none = launch.triton_forward(z, t, modes.PHIS[phi], 3.0, 0.2, IGNORE, Reduction.MEAN, 1.0, None)
     assert none is None
     torch.testing.assert_close(loss_only, loss, rtol=0, atol=0, equal_nan=True)
 
 
 def test_reduction_partition_covers_every_value():
     """Slabs are whole blocks, cover n, number at most _MAX_PARTIALS; small n is one program."""
-    for n in [0, 1, M._REDUCE_SLAB, M._REDUCE_SLAB + 1, 10**6, M._REDUCE_SLAB * M._MAX_PARTIALS + 1, 2**31 - 1]:
-        per, programs = M._partition(n)
-        assert per % M._REDUCE_BLOCK == 0 and per >= M._REDUCE_SLAB
-        assert 1 <= programs <= M._MAX_PARTIALS and per * programs >= n and per * (programs - 1) < max(n, 1)
-    assert M._partition(M._REDUCE_SLAB) == (M._REDUCE_SLAB, 1)
+    for n in [0, 1, launch.REDUCE_SLAB, launch.REDUCE_SLAB + 1, 10**6, launch.REDUCE_SLAB * launch.MAX_PARTIALS + 1, 2**31 - 1]:
+        per, programs = launch.partition(n)
+        assert per % launch.REDUCE_BLOCK == 0 and per >= launch.REDUCE_SLAB
+        assert 1 <= programs <= launch.MAX_PARTIALS and per * programs >= n and per * (programs - 1) < max(n, 1)
+    assert launch.partition(launch.REDUCE_SLAB) == (launch.REDUCE_SLAB, 1)
 
 
 @needs_kernels
 def test_two_stage_count_and_reduce():
     """N past one slab: per-slab partial counts and sums, then one program; fixed order, same bits twice."""
-    n = 2 * M._REDUCE_SLAB + 777
-    assert M._partition(n)[1] == 3
+    n = 2 * launch.REDUCE_SLAB + 777
+    assert launch.partition(n)[1] == 3
     values = torch.randn(n, dtype=torch.float64).to(torch.float32).to(KERNEL_DEVICE)
     t = torch.randint(0, 5, (n,))
     t[torch.rand(n) < 0.3] = IGNORE
-    count = M._triton_count(t.to(KERNEL_DEVICE), IGNORE)
+    count = launch.triton_count(t.to(KERNEL_DEVICE), IGNORE)
     assert count.item() == (t != IGNORE).sum().item()
-    total = M._triton_reduce(values, None, torch.float32)
-    mean = M._triton_reduce(values, count, torch.float32)
+    total = launch.triton_reduce(values, None, torch.float32)
+    mean = launch.triton_reduce(values, count, torch.float32)
     expected = values.double().sum().item()
     assert total.shape == () and abs(total.item() - expected) <= 1e-5 * values.double().abs().sum().item()
     assert abs(mean.item() - expected / count.item()) <= 1e-5 * values.double().abs().mean().item()
-    assert torch.equal(M._triton_reduce(values, None, torch.float32), total)
+    assert torch.equal(launch.triton_reduce(values, None, torch.float32), total)
 
 
 @needs_kernels
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_many_rows_reduce_in_two_stages(reduction):
     """The whole loss with N past one reduction slab (per-pixel-like losses) against the reference."""
-    z, t = make_inputs(M._REDUCE_SLAB + 4099, 2, KERNEL_DEVICE)
+    z, t = make_inputs(launch.REDUCE_SLAB + 4099, 2, KERNEL_DEVICE)
     check(z, t, Route(True), phi="log", reduction=reduction, ignore_index=IGNORE)
 
 
 @needs_kernels
 def test_launcher_configs_are_the_aot_compiled_ones():
     """Every tile the launcher can pick is in kernel_configs() (compiled ahead of time in test_triton_aot)."""
-    listed = {tuple(sorted(c.items())) for name, c in M.kernel_configs() if name == "_bisam_loss_kernel"}
+    listed = {tuple(sorted(c.items())) for name, c in launch.kernel_configs() if name == "_bisam_loss_kernel"}
     for K in list(range(1, 70)) + [2**i + d for i in range(6, 19) for d in (-1, 0, 1)]:
-        for phi in (M._TANH, M._LOG):
-            assert tuple(sorted(dict(M._forward_config(K), PHI=phi).items())) in listed, K
-    scale = [c for name, c in M.kernel_configs() if name == "_scale_grad_kernel"]
+        for phi in (Phi.TANH, Phi.LOG):
+            assert tuple(sorted(dict(launch.forward_config(K), PHI=phi).items())) in listed, K
+    scale = [c for name, c in launch.kernel_configs() if name == "_scale_grad_kernel"]
     for K in [1, 16, 17, 128, 129, 1024, 1025, 10**6]:
-        assert M._scale_config(K) in scale
+        assert launch.scale_config(K) in scale
 
 
 @needs_kernels
@@ -254,13 +254,13 @@ def test_scale_kernel_skips_rows_whose_factor_is_one(K):
     go = torch.randn(40, device=KERNEL_DEVICE)
     go[::3] = 1.0
     expected = g * go[:, None]
-    copy = M._triton_scale_grad_(g, go)
+    copy = launch.triton_scale_grad_(g, go)
     torch.testing.assert_close(g, expected, equal_nan=True)
     torch.testing.assert_close(copy, go)
     before = g.clone()
-    M._triton_scale_grad_(g, torch.tensor(1.0, device=KERNEL_DEVICE))  # loss.backward(): nothing happens
+    launch.triton_scale_grad_(g, torch.tensor(1.0, device=KERNEL_DEVICE))  # loss.backward(): nothing happens
     torch.testing.assert_close(g, before, equal_nan=True, rtol=0, atol=0)
-    M._triton_scale_grad_(g, torch.tensor(-2.0, device=KERNEL_DEVICE))
+    launch.triton_scale_grad_(g, torch.tensor(-2.0, device=KERNEL_DEVICE))
     torch.testing.assert_close(g, -2 * before, equal_nan=True)
 
 
@@ -274,11 +274,11 @@ def test_bad_target_in_kernel_gives_nan_row(K):
     good = torch.tensor([0, 2, 3, 5])
     ref_loss, ref_grad = reference(z[good], t[good], phi="log", reduction="none")
     g = torch.full_like(z, 0.5)
-    loss, _ = M._triton_forward(z, t, M._LOG, 1.0, 0.1, IGNORE, M._NONE, 1.0, g)
+    loss, _ = launch.triton_forward(z, t, Phi.LOG, 1.0, 0.1, IGNORE, Reduction.NONE, 1.0, g)
     assert torch.isnan(loss[[1, 4]]).all() and torch.isnan(g[[1, 4]]).all()
     assert_close(loss[good], ref_loss, 1e-5, "loss")
     assert_close(g[good], ref_grad, 1e-5, "gradient")
-    mean, _ = M._triton_forward(z, t, M._LOG, 1.0, 0.1, IGNORE, M._MEAN, 1.0, None)
+    mean, _ = launch.triton_forward(z, t, Phi.LOG, 1.0, 0.1, IGNORE, Reduction.MEAN, 1.0, None)
     assert torch.isnan(mean)
 
 
@@ -292,10 +292,10 @@ def test_row_grad_kernel_matches_reference(K):
     kw = dict(phi="tanh", mu=4.0, alpha=0.5, reduction="none", scale_by_mu=True)
     ref_loss, ref_grad = reference(z, t, w, **kw)
     stats = torch.full((2, 5), float("nan"), device=KERNEL_DEVICE)
-    loss, _ = M._triton_forward(z, t, M._TANH, 4.0, 0.5, IGNORE, M._NONE, 0.25, None, stats)
+    loss, _ = launch.triton_forward(z, t, Phi.TANH, 4.0, 0.5, IGNORE, Reduction.NONE, 0.25, None, stats)
     assert_close(loss, ref_loss, 1e-5, "loss")
     for s in (stats, None):
-        g = M._triton_row_grad(z, t, w.float().to(KERNEL_DEVICE), s, M._TANH, 4.0, 0.5, IGNORE, 0.25)
+        g = launch.triton_row_grad(z, t, w.float().to(KERNEL_DEVICE), s, Phi.TANH, 4.0, 0.5, IGNORE, 0.25)
         assert_close(g, ref_grad, 1e-5, "gradient")
 
 
@@ -552,12 +552,12 @@ def test_opcheck(backend, reduction):
     z, t = make_inputs(9, 13, device)
     z.requires_grad_()
     with ctx:
-        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._LOG, 2.0, 0.1, IGNORE, reduction, 1.0, False, True))
-        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, M._TANH, 2.0, 0.1, IGNORE, reduction, 0.5, True, False))
-        stats = torch.ops.bisam.bisam_loss_forward(z, t, M._TANH, 2.0, 0.1, IGNORE, M._NONE, 1.0, False, True)[1]
+        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, Phi.LOG, 2.0, 0.1, IGNORE, reduction, 1.0, False, True))
+        torch.library.opcheck(torch.ops.bisam.bisam_loss_forward, (z, t, Phi.TANH, 2.0, 0.1, IGNORE, reduction, 0.5, True, False))
+        stats = torch.ops.bisam.bisam_loss_forward(z, t, Phi.TANH, 2.0, 0.1, IGNORE, Reduction.NONE, 1.0, False, True)[1]
         for s in (stats, stats.new_empty((0,))):
             torch.library.opcheck(torch.ops.bisam.bisam_loss_row_grad,
-                                  (z.detach(), t, torch.randn(9, device=device), s, M._TANH, 2.0, 0.1, IGNORE, 1.0))
+                                  (z.detach(), t, torch.randn(9, device=device), s, Phi.TANH, 2.0, 0.1, IGNORE, 1.0))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -568,7 +568,7 @@ def test_op_autograd_matches_reference(backend, reduction):
     ref_loss, ref_grad = reference(z, t, reduction=reduction, phi="tanh", mu=2.0)
     leaf = z.clone().requires_grad_()
     with ctx:
-        loss, _ = torch.ops.bisam.bisam_loss_forward(leaf, t, M._TANH, 2.0, 0.1, IGNORE, M.REDUCTIONS[reduction],
+        loss, _ = torch.ops.bisam.bisam_loss_forward(leaf, t, Phi.TANH, 2.0, 0.1, IGNORE, modes.REDUCTIONS[reduction],
                                                      1.0, False, True)
         loss.sum().backward()
     assert_close(loss, ref_loss, 1e-5, "loss")
@@ -614,7 +614,7 @@ def test_gradcheck_float64(phi, reduction):
         assert torch.autograd.gradcheck(
             lambda x: bk.bisam_loss(x * 1.0, t, phi, 3.0, 0.4, reduction, inplace_backward=inplace), (z,))
     assert torch.autograd.gradcheck(
-        lambda x: torch.ops.bisam.bisam_loss_forward(x, t, M.PHIS[phi], 3.0, 0.4, IGNORE, M.REDUCTIONS[reduction],
+        lambda x: torch.ops.bisam.bisam_loss_forward(x, t, modes.PHIS[phi], 3.0, 0.4, IGNORE, modes.REDUCTIONS[reduction],
                                                      0.5, False, True)[0], (z,))
 
 
@@ -662,7 +662,7 @@ def test_bad_input(backend, kwargs, error, match):
 def test_out_of_range_target_raises_on_cpu(bad):
     """The composite CPU path checks target values (free on the host); the kernels give NaN instead."""
     t = torch.tensor([0, 1, bad, IGNORE, 1])
-    with M.triton_on_cpu(False), pytest.raises(ValueError, match=rf"targets .*\[0, 3\).*got {bad}"):
+    with row_loss.triton_on_cpu(False), pytest.raises(ValueError, match=rf"targets .*\[0, 3\).*got {bad}"):
         bk.bisam_loss(torch.randn(5, 3), t)
 
 
@@ -670,8 +670,8 @@ def test_triton_route_really_runs_the_kernels(backend, monkeypatch):
     """The "triton" backend of these tests calls the Triton launcher (not silently the composite path)."""
     device, ctx = backend
     calls = []
-    launch = M._launch_main
-    monkeypatch.setattr(M, "_launch_main", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    launch_rows = launch.launch_rows
+    monkeypatch.setattr(launch, "launch_rows", lambda *a, **k: calls.append(1) or launch_rows(*a, **k))
     z, t = make_inputs(4, 5, device)
     with ctx:
         run(z, t)
@@ -809,7 +809,7 @@ def test_cuda_offsets_beyond_int32():
     rows = [0, N // 2, N - 1]
     ref_loss, ref_grad = reference(z[rows].float(), t[rows].cpu(), reduction="none")
     g = torch.empty_like(z)
-    loss, _ = M._triton_forward(z, t, M._LOG, 1.0, 0.1, IGNORE, M._NONE, 1.0, g)
+    loss, _ = launch.triton_forward(z, t, Phi.LOG, 1.0, 0.1, IGNORE, Reduction.NONE, 1.0, g)
     assert_close(loss[rows].float(), ref_loss, 1e-2, "loss", floor=1e-2)
     assert_close(g[rows].float(), ref_grad, 1e-2, "gradient", floor=1e-2)
 

@@ -2,7 +2,7 @@
 
 Triton's interpreter (TRITON_INTERPRET=1, set by conftest when there is no GPU) accepts code that the
 real compiler may reject, so every configuration the launchers can pick
-(``bisam_kernels.ops.bisam_loss.aot_specializations()``) is compiled here with ``triton.compile`` for
+(``bisam_kernels.ops.row_loss.aot_specializations()``) is compiled here with ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)``, in a subprocess where TRITON_INTERPRET is unset. Registers, local memory
 (spills) and shared memory of each come from ``cuobjdump -res-usage`` on the cubin; the table for
 bench/notes/bisam_loss_kernels.md is printed by
@@ -11,7 +11,6 @@ bench/notes/bisam_loss_kernels.md is printed by
 """
 
 import concurrent.futures
-import importlib
 import json
 import multiprocessing
 import os
@@ -38,8 +37,9 @@ def _compile_one(spec: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    module = importlib.import_module("bisam_kernels.ops.bisam_loss")
-    fn = getattr(module, spec["kernel"])
+    from bisam_kernels.ops.row_loss import kernels
+
+    fn = getattr(kernels, spec["kernel"])
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec["aligned"]}
     target = GPUTarget("cuda", 90, 32)
     options = triton.compiler.make_backend(target).parse_options({"num_warps": spec["num_warps"]})
@@ -64,8 +64,9 @@ def _compile_one(spec: dict) -> dict:
 def compile_all(workers: int | None = None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    module = importlib.import_module("bisam_kernels.ops.bisam_loss")
-    specs = module.aot_specializations()
+    from bisam_kernels.ops import row_loss  # here: a worker imports triton only after its environment is set
+
+    specs = row_loss.aot_specializations()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -97,8 +98,9 @@ def test_every_kernel_configuration_compiles_for_sm90(tmp_path):
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
     results = json.loads(proc.stdout)
-    module = importlib.import_module("bisam_kernels.ops.bisam_loss")
-    assert [r["label"] for r in results] == [s["label"] for s in module.aot_specializations()]
+    from bisam_kernels.ops import row_loss
+
+    assert [r["label"] for r in results] == [s["label"] for s in row_loss.aot_specializations()]
     for r in results:
         if r["regs"] is not None:
             max_stack = 32 if old_triton and r["label"] == tolerated else 0
