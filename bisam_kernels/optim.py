@@ -52,15 +52,31 @@ def _check_group(group: dict, where: str = "") -> None:
 
 
 def _check_unique(group: dict, where: str) -> None:
-    """A parameter listed twice would be perturbed twice by one fused call: name it now."""
+    """A parameter listed twice would be perturbed twice by one fused call: name it now. Items are tensors
+    or, from ``named_parameters()``, (name, tensor) pairs."""
     seen: dict[int, int] = {}
     names = group.get("param_names")
-    for i, p in enumerate(group["params"]):
+    for i, item in enumerate(group["params"]):
+        name, p = item if isinstance(item, tuple) else (names[i] if names else None, item)
         j = seen.setdefault(id(p), i)
         if j != i:
-            label = f"{names[i]!r}" if names else f"params[{i}] (shape {tuple(p.shape)})"
+            label = f"{name!r} (params[{i}])" if name is not None else f"params[{i}] (shape {tuple(p.shape)})"
             raise ValueError(f"{where}: {label} is listed twice (also at index {j}); "
                              "each parameter may appear once")
+
+
+def _check_rho_tensor_value(rho, where: str) -> None:
+    """A tensor rho's value, once, when the group is built (one host sync then; a value set later is
+    checked on the device: an invalid one skips the perturbation and the norm reads NaN)."""
+    if isinstance(rho, torch.Tensor) and not (torch.isfinite(rho) & (rho >= 0)).all():
+        raise ValueError(f"{where}rho must be finite and non-negative, got {rho.detach().cpu().reshape(-1).tolist()}")
+
+
+# The steps change Python state (backups, whether the weights are perturbed): inside a compiled function
+# they are graph breaks, and under fullgraph=True an error raised before anything runs.
+_runs_eagerly = torch.compiler.disable(
+    reason="the SAM steps change Python state and run eagerly: compile the model, not the step"
+)
 
 
 class _Plan(NamedTuple):
@@ -106,6 +122,7 @@ class BiSAM(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive: bool = False, **base_kwargs):
         _check_group({"rho": rho, "adaptive": adaptive})
+        _check_rho_tensor_value(rho, "")
         self._backups: dict[torch.Tensor, torch.Tensor] = {}
         self._plan: _Plan | None = None
         self._perturbed: tuple[list[torch.Tensor], _Plan] | None = None  # (weights, plan) of the first step
@@ -168,6 +185,7 @@ class BiSAM(torch.optim.Optimizer):
             param_group["params"] = list(params)
         _check_unique(param_group, where)
         _check_group({"rho": self.defaults["rho"], "adaptive": self.defaults["adaptive"], **param_group}, where)
+        _check_rho_tensor_value(param_group.get("rho", self.defaults["rho"]), f"{where} ")
         base = self.__dict__.get("base_optimizer")
         if base is None:  # during __init__
             super().add_param_group(param_group)
@@ -220,7 +238,7 @@ class BiSAM(torch.optim.Optimizer):
         backups = [self._backup_for(p, w) for p, w in zip(params, weights)]
         return _Plan(signature, params, weights, backups, FusedSAMPlan(keys, rhos, adaptives, shards))
 
-    @torch.compiler.disable
+    @_runs_eagerly
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> torch.Tensor:
         """Ascent step ``w <- w + e(w)`` from the current gradients; keeps ``w`` for :meth:`second_step`.
@@ -251,7 +269,7 @@ class BiSAM(torch.optim.Optimizer):
             self.zero_grad()
         return norm
 
-    @torch.compiler.disable
+    @_runs_eagerly
     @torch.no_grad()
     def restore(self) -> None:
         """Undo :meth:`first_step` (``w <- backup``, bit-exact) without stepping the base optimizer."""
@@ -275,7 +293,7 @@ class BiSAM(torch.optim.Optimizer):
         overflow = (~torch.isfinite(norm)).to(device, torch.float32).reshape(1)
         found[device] = found[device] + overflow if device in found else overflow
 
-    @torch.compiler.disable
+    @_runs_eagerly
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None):
         """Restore ``w`` and let the base optimizer step with the gradients taken at ``w + e(w)``.
@@ -300,7 +318,7 @@ class BiSAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    @torch.compiler.disable
+    @_runs_eagerly
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         """Canonical SAM step: the gradients at ``w`` must already be computed; ``closure`` re-evaluates

@@ -144,7 +144,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 def format_table(rows: list[dict], args) -> str:
     pm = len(args.seeds) > 1
     lines = [
-        f"digits: {args.n_train} train / {args.n_test} test images, {args.epochs} epochs, batch {args.batch_size}, "
+        f"digits: {args.n_train} train / {args.n_test} test images, {args.epochs} epoch{'s' * (args.epochs != 1)}, "
+        f"batch {args.batch_size}, "
         f"seeds {','.join(map(str, args.seeds))}, rho {args.rho}, label noise {args.label_noise}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)" + (", mean ± std over seeds" if pm else ""),
         "",

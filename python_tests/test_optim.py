@@ -419,6 +419,22 @@ def test_a_parameter_listed_twice_is_named_at_construction():
         opt.add_param_group({"params": [model.bias, model.bias]})
     with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check, across groups
         opt.add_param_group({"params": [model.weight]})
+    named = list(model.named_parameters())  # named parameters: the error names the parameter
+    with pytest.raises(ValueError, match=r"param group 0: 'again' \(params\[2\]\) is listed twice"):
+        bk.BiSAM(named + [("again", model.weight)], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"'weight' \(params\[2\]\) is listed twice"):
+        bk.BiSAM([{"params": named + [("weight", model.weight)]}], torch.optim.SGD, lr=0.1)
+    bk.BiSAM(named, torch.optim.SGD, lr=0.1)
+
+
+def test_an_invalid_rho_tensor_is_rejected_when_the_group_is_built():
+    """A tensor rho is checked once at construction (a later value is checked on the device)."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"rho must be finite and non-negative, got \[-1.0\]"):
+        bk.BiSAM(model.parameters(), torch.optim.SGD, rho=torch.tensor([-1.0]), lr=0.1)
+    opt = bk.BiSAM([model.weight], torch.optim.SGD, rho=torch.tensor(0.1), lr=0.1)
+    with pytest.raises(ValueError, match=r"param group 1 rho must be finite and non-negative, got \[nan\]"):
+        opt.add_param_group({"params": [model.bias], "rho": torch.tensor(float("nan"))})
 
 
 def test_rho_errors_read_the_same_everywhere():
@@ -473,9 +489,10 @@ def test_the_optimizer_and_the_functional_op_report_the_same_norm():
     """One Python layer: with several fused calls (two groups, one with an invalid rho tensor) the optimizer
     reports what sam_perturb_ reports (NaN), not a norm recomputed its own way."""
     a, b = nn.Linear(3, 2), nn.Linear(2, 2)
-    bad_rho = torch.tensor(float("nan"))
+    bad_rho = torch.tensor(0.1)
     opt = bk.BiSAM([{"params": a.parameters()}, {"params": b.parameters(), "rho": bad_rho}], torch.optim.SGD,
                    rho=0.1, lr=0.1)
+    bad_rho.fill_(float("nan"))  # e.g. a schedule on the device: checked there, no host sync
     b(a(torch.randn(5, 3))).square().sum().backward()
     grads = [p.grad.clone() for p in [*a.parameters(), *b.parameters()]]
     norm = opt.first_step()
