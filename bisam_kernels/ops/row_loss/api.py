@@ -15,7 +15,8 @@ __all__ = ["bisam_loss", "BiSAMLoss"]
 def _check_scalar(name: str, value, positive: bool) -> float:
     """A real number (int, float, NumPy scalar) as a float. Under torch.compile(dynamic=True) a float argument
     arrives symbolic (a SymFloat): comparisons, not math.isfinite, so that the checks become guards."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+    if type(value) is not float and (  # (a float needs no abstract-class check: the common, fast case)
+            isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not abs(value) < math.inf or (positive and not value > 0):  # (NaN fails both comparisons)
@@ -29,7 +30,8 @@ def _check_options(phi, mu, alpha, reduction, ignore_index) -> tuple[float, floa
         raise ValueError(f"phi must be one of {sorted(PHIS)}, got {phi!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt)):
+    if type(ignore_index) is not int and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt))):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return _check_scalar("mu", mu, True), _check_scalar("alpha", alpha, True), int(ignore_index)
 
