@@ -50,7 +50,7 @@ stage "tests"
 # The suites with GPU cases (CUDA ops, Triton kernels on CUDA tensors, the optimizer on CUDA); the
 # CPU-only ones (AOT compilation, CMake build, gloo, the example) run in CI. A time limit keeps the budget.
 timeout -s INT -k 15 "$(clamp $(($(left) - 120)) 30 150)" "$py" -m pytest python_tests/test_sam_perturb.py \
-  python_tests/test_bisam_loss.py python_tests/test_optim.py -q -p no:cacheprovider \
+  python_tests/test_bisam_loss.py python_tests/test_optim.py python_tests/test_optim_training.py -q -p no:cacheprovider \
   --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$out/tests.log"
