@@ -220,7 +220,7 @@ class BiSAM(torch.optim.Optimizer):
 
     def _build_plan(self, signature: tuple) -> _Plan:
         """The parameters with gradients, their backups (allocated once) and the fused calls over them."""
-        params, keys, rhos, adaptives, shards = [], [], [], [], []
+        params, weights, keys, rhos, adaptives, shards = [], [], [], [], [], []
         for i, group in enumerate(self.param_groups):
             _check_group(group, f"param group {i}")  # rho may have been changed since the group was added
             for p in group["params"]:
@@ -230,11 +230,11 @@ class BiSAM(torch.optim.Optimizer):
                     raise RuntimeError("BiSAM does not support sparse gradients")
                 w = _local(p)
                 params.append(p)
+                weights.append(w)
                 keys.append((w.device, w.dtype))
                 rhos.append(group["rho"])
                 adaptives.append(group["adaptive"])
                 shards.append(_shard_groups(p))
-        weights = [_local(p) for p in params]
         backups = [self._backup_for(p, w) for p, w in zip(params, weights)]
         return _Plan(signature, params, weights, backups, FusedSAMPlan(keys, rhos, adaptives, shards))
 

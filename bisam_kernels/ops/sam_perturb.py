@@ -104,7 +104,10 @@ class FusedSAMPlan:
         n = len(keys)
         if (len(set(keys)) <= 1 and all(r is rhos[0] for r in rhos) and all(a == adaptives[0] for a in adaptives)
                 and not any(shard_groups)):  # the common case, grouped without a loop: one call of each op
-            self._one_call(rhos[0] if n else 0.0, adaptives[0] if n else False, n > 0)
+            self.perturbs = [_Perturb(None, *check_rho(rhos[0]), adaptives[0])] if n else []
+            self.terms = [_Term(None, adaptives[0], ())] if n else []
+            self.restores = [None] if n else []
+            self.sharded = False
             return
         perturbs: dict[tuple, tuple[list[int], object, bool]] = {}
         terms: dict[tuple, tuple[list[int], bool, tuple]] = {}
@@ -119,19 +122,6 @@ class FusedSAMPlan:
         self.terms = [_Term(ix, adaptive, shards) for ix, adaptive, shards in terms.values()]
         self.restores = list(restores.values())
         self.sharded = any(t.shard_groups for t in self.terms)
-
-    def _one_call(self, rho, adaptive: bool, nonempty: bool = True) -> None:
-        self.perturbs = [_Perturb(None, *check_rho(rho), adaptive)] if nonempty else []
-        self.terms = [_Term(None, adaptive, ())] if nonempty else []
-        self.restores = [None] if nonempty else []
-        self.sharded = False
-
-    @classmethod
-    def one_call(cls, rho, adaptive: bool) -> FusedSAMPlan:
-        """The plan of a non-empty list that one call of each op covers (one device and dtype, one rho)."""
-        plan = cls.__new__(cls)
-        plan._one_call(rho, adaptive)
-        return plan
 
     def sq_norm(self, weights: list, grads: list) -> torch.Tensor | None:
         """The global squared norm (of ``|w| g`` for adaptive tensors), or None for no tensors."""
@@ -206,8 +196,8 @@ def _check_pairs(first: list, first_name: str, *others) -> None:
 def _plan_for_lists(first: list, first_name: str, others, rho, adaptive: bool) -> FusedSAMPlan:
     """The plan of one call of the functions below: grouped by dtype (one device per call: the op checks)."""
     _check_lengths(first, first_name, *others)
-    if len({t.dtype for t in first}) == 1:  # one call of each op (per-tensor lists would cost ~10 us here)
-        return FusedSAMPlan.one_call(rho, adaptive)
+    if len({t.dtype for t in first}) == 1:  # one call of each op: no per-tensor lists (~10 us here)
+        return FusedSAMPlan([None], [rho], [adaptive])
     n = len(first)
     plan = FusedSAMPlan([t.dtype for t in first], [rho] * n, [adaptive] * n)
     if len(plan.restores) > 1:
