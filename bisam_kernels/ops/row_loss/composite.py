@@ -10,13 +10,27 @@ from bisam_kernels._dtypes import accumulate_dtype
 from bisam_kernels.ops.row_loss.modes import GAMMA, Phi, Reduction
 
 
+def check_targets(t: torch.Tensor, K: int, ignore_index: int, ignored: torch.Tensor | None = None) -> int:
+    """Raise ValueError for a target outside [0, K) that is not ignore_index (reads on the host: CPU only).
+    Returns the number of ignored targets."""
+    ignored = t == ignore_index if ignored is None else ignored
+    n_ignored = int(ignored.sum())
+    idx = torch.where(ignored, 0, t) if n_ignored else t
+    if idx.numel():
+        lo, hi = torch.aminmax(idx)
+        if int(lo) < 0 or int(hi) >= K:
+            first = int(idx[(idx < 0) | (idx >= K)][0])
+            raise ValueError(f"targets must lie in [0, {K}) or equal ignore_index={ignore_index}, got {first}")
+    return n_ignored
+
+
 def composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, want_grad, check, mean=False,
-                    want_stats=False):
+                    want_stats=False, smoothing=0.0):
     """(per-row loss, gradient of sum_i row_scale_i * l_i or None, count, row statistics or None), in the
     compute dtype.
 
     row_scale: a float or an (N,) tensor; with mean, also divided by count, the number of non-ignored
-    rows (else count is None). Row statistics: (2, N), lse and sum_{j != y} p_j phi'(F_j), as the kernel's. check (CPU only: it reads values on the host): raise ValueError for a
+    rows (else count is None). smoothing: label smoothing, identity phi only (see the kernel). Row statistics: (2, N), lse and sum_{j != y} p_j phi'(F_j), as the kernel's. check (CPU only: it reads values on the host): raise ValueError for a
     target outside [0, K) that is not ignore_index; without it such a row gets a NaN loss and gradient,
     as in the Triton kernel.
     """
@@ -24,13 +38,8 @@ def composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wan
     ignored = t == ignore_index
     bad, count = None, None
     if check:  # host-side checks are free on the CPU: skip the masking when no row is ignored
-        n_ignored = int(ignored.sum())
+        n_ignored = check_targets(t, K, ignore_index, ignored)
         idx = torch.where(ignored, 0, t) if n_ignored else t
-        if idx.numel():
-            lo, hi = torch.aminmax(idx)
-            if int(lo) < 0 or int(hi) >= K:
-                first = int(idx[(idx < 0) | (idx >= K)][0])
-                raise ValueError(f"targets must lie in [0, {K}) or equal ignore_index={ignore_index}, got {first}")
         dead = ignored if n_ignored else None
         if mean:
             count = t.numel() - n_ignored
@@ -47,7 +56,10 @@ def composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wan
     z = z.to(accumulate_dtype(z.dtype))
     zy = z.gather(1, idx)
     # Few passes over (N, K), in place where possible; the softmax normalisation 1/S goes into coef.
-    if phi == Phi.TANH:
+    if phi == Phi.IDENTITY:
+        s = torch.sub(z, zy).mul_(mu)
+        dscale = 1.0
+    elif phi == Phi.TANH:
         th = torch.sub(z, zy).mul_(alpha).tanh_()  # phi(F); exactly 0 at the target column
         s = th * mu
         dscale = alpha
@@ -55,18 +67,22 @@ def composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wan
         t_ = torch.sub(zy, z).add_(GAMMA)  # GAMMA - F (-F first: exact where z is close to z_y)
         s = torch.nn.functional.softplus(t_).mul_(-mu).add_(mu).scatter_(1, idx, 0.0)  # mu phi(F), s_y = 0
         dscale = 1.0
+    smooth_loss = s.sum(dim=1).mul_(smoothing / K) if smoothing else None  # smoothing * mean_j s_j
     m = s.amax(dim=1, keepdim=True)
     e = s.sub_(m).exp_()  # exp(s - m)
     S = e.sum(dim=1)
     lse = S.log().add_(m.squeeze(1))
-    loss = lse if out_scale == 1.0 else lse * out_scale
+    loss = lse if smooth_loss is None else lse - smooth_loss
+    loss = loss if out_scale == 1.0 else loss * out_scale
     if dead is not None:
         loss = loss.masked_fill(dead, 0.0)
     if bad is not None:
         loss.masked_fill_(bad, float("nan"))
     if not (want_grad or want_stats):
         return loss, None, count, None
-    if phi == Phi.TANH:  # e * phi' / alpha = e * (1 - tanh^2), as PyTorch's tanh backward (error < 2^-23)
+    if phi == Phi.IDENTITY:
+        c = e
+    elif phi == Phi.TANH:  # e * phi' / alpha = e * (1 - tanh^2), as PyTorch's tanh backward (error < 2^-23)
         c = e.addcmul_(e, th.square_(), value=-1.0)
     else:  # e * sigmoid(GAMMA - F)
         c = e.mul_(t_.sigmoid_())
@@ -82,7 +98,12 @@ def composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wan
     if dead is not None:
         coef.masked_fill_(dead, 0.0)
     gy = W.mul_(coef).neg_()
-    g = c.mul_(coef.unsqueeze(1)).scatter_(1, idx, gy.unsqueeze(1))
+    g = c.mul_(coef.unsqueeze(1))
+    if smoothing:  # coef * S: the row's factor without the softmax normalisation
+        smooth = coef * S * (smoothing / K)
+        gy.add_(coef * S * smoothing - smooth)
+        g.sub_(smooth.unsqueeze(1))
+    g.scatter_(1, idx, gy.unsqueeze(1))
     if dead is not None:  # (also for non-finite logits in those rows)
         g.masked_fill_(dead.unsqueeze(1), 0.0)
     if bad is not None:

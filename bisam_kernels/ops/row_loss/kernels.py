@@ -1,7 +1,7 @@
 """Triton kernels of the row losses: the fused BiSAM lower bound with its gradient, the count of valid
 rows, the two-stage reduction and the in-place gradient scaling. The math is docs/design.md section 1;
-the integer modes they take are named in ``modes.py`` (PHI 0 = tanh, 1 = log; the scale, stats and
-finalize modes). Launched by ``launch.py`` only.
+the integer modes they take are named in ``modes.py`` (PHI 0 = tanh, 1 = log, 2 = identity: cross-entropy;
+the scale, stats and finalize modes). Launched by ``launch.py`` only.
 """
 
 try:  # the CPU path works without Triton
@@ -24,8 +24,12 @@ if triton is not None:
         log:  phi = 1 - softplus(t), t = GAMMA - F, softplus(t) = max(t, 0) + log(1 + exp(-|t|)),
               phi' = sigmoid(t). log(1 + u) instead of log1p(u) costs at most ~u < 2^-24 absolutely, below
               the rounding of 1 - softplus in float32, so no log1p correction is needed.
+        identity: phi = F, phi' = 1 (with mu = 1 the row loss is the cross-entropy).
         """
-        if PHI == 0:
+        if PHI == 2:
+            phi = F
+            dphi = 1.0
+        elif PHI == 0:
             x = alpha * F
             u = tl.exp(-2.0 * tl.abs(x))
             r = 1.0 / (1.0 + u)
@@ -60,6 +64,7 @@ if triton is not None:
         K,
         mu,
         alpha,
+        smoothing,
         out_scale,
         ignore_index,
         scale_mode,
@@ -83,6 +88,9 @@ if triton is not None:
         mean's count taken from the program's own rows (no count or reduction kernel: one launch).
         Ignored rows: loss 0, gradient 0, logits never read. A target outside [0, K) that is not
         ignore_index: loss and gradient NaN.
+        Label smoothing (identity phi only): the target distribution puts smoothing / K on every class and
+        1 - smoothing more on the target, as F.cross_entropy's: the loss gains -smoothing * mean_j s_j
+        (s_y = 0) and the gradient -smoothing * coef / K on every column, + smoothing * coef on the target.
         """
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -116,15 +124,21 @@ if triton is not None:
             S = tl.where(live, tl.sum(e, axis=1), 1.0)
             lse = m + tl.log(S)
             ws = tl.sum(c, axis=1) / S
+            if PHI == 2:  # (label smoothing: the identity phi only; no registers spent on the others)
+                sum_s = mu * tl.sum(tl.where(mask, phi, 0.0), axis=1)
         else:
             if stats_mode == 2:
                 lse = tl.load(stats_ptr + rows, mask=live, other=0.0)
                 ws = tl.load(stats_ptr + N + rows, mask=live, other=0.0)
+                if PHI == 2:
+                    sum_s = tl.zeros([ROWS], dtype=tl.float32)  # (the loss is not written from read statistics)
             else:
                 # s_y = 0 is in every live row, so starting the running max at 0 gives the true max.
                 m = tl.zeros([ROWS], dtype=tl.float32)
                 S = tl.zeros([ROWS], dtype=tl.float32)
                 W = tl.zeros([ROWS], dtype=tl.float32)
+                if PHI == 2:
+                    sum_s = tl.zeros([ROWS], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     kc = k0 + cols
                     mask = live[:, None] & (kc[None, :] < K)
@@ -137,6 +151,8 @@ if triton is not None:
                     c = tl.where(kc[None, :] == tgt[:, None], 0.0, e * dphi)
                     S = S * rescale + tl.sum(e, axis=1)
                     W = W * rescale + tl.sum(c, axis=1)
+                    if PHI == 2:
+                        sum_s += tl.sum(tl.where(mask, s, 0.0), axis=1)
                     m = m_new
                 S = tl.where(live, S, 1.0)
                 lse = m + tl.log(S)
@@ -144,7 +160,10 @@ if triton is not None:
         if stats_mode == 1:
             tl.store(stats_ptr + rows, lse, mask=row_ok)
             tl.store(stats_ptr + N + rows, ws, mask=row_ok)
-        loss = lse * out_scale
+        if PHI == 2:
+            loss = (lse - smoothing * sum_s / K) * out_scale
+        else:
+            loss = lse * out_scale
         loss = tl.where(ignored, 0.0, loss)
         loss = tl.where(bad, float("nan"), loss)
         tl.store(loss_ptr + rows, loss, mask=row_ok & (write_loss != 0))
@@ -159,9 +178,15 @@ if triton is not None:
         coef = tl.where(ignored, 0.0, coef)
         coef = tl.where(bad, float("nan"), coef)
         gy = -ws * coef
+        if PHI == 2:
+            smooth = coef * (smoothing / K)  # the smoothing term on every column (0 without smoothing)
+            gy = gy + smoothing * coef - smooth
         g_rows = g_ptr + rows64 * g_stride
         if SINGLE:
-            g = tl.where(is_y, gy[:, None], c * (coef / S)[:, None])
+            g = c * (coef / S)[:, None]
+            if PHI == 2:
+                g = g - smooth[:, None]
+            g = tl.where(is_y, gy[:, None], g)
             g = tl.where(live[:, None], g, coef[:, None])  # 0 (ignored) or NaN (bad target)
             store = row_ok[:, None] & (cols[None, :] < K) & (write_grad != 0)
             tl.store(g_rows[:, None] + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=store)
@@ -175,6 +200,8 @@ if triton is not None:
                     phi, dphi = _phi_dphi(z - zy[:, None], alpha, PHI)
                     s = tl.where(mask, mu * phi, float("-inf"))
                     g = tl.exp(s - lse[:, None]) * dphi * coef[:, None]
+                    if PHI == 2:
+                        g = g - smooth[:, None]
                     g = tl.where(kc[None, :] == tgt[:, None], gy[:, None], g)
                     g = tl.where(live[:, None], g, coef[:, None])
                     store = row_ok[:, None] & in_k

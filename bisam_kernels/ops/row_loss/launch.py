@@ -68,7 +68,7 @@ def _arg_types(kernel: str, d: str, t: str) -> tuple[dict, list[str]]:
     if kernel == "_bisam_loss_kernel":
         types = {"z_ptr": f"*{d}", "z_stride": "i32", "t_ptr": f"*{t}", "g_ptr": f"*{d}", "g_stride": "i32",
                  "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "stats_ptr": "*fp32",
-                 "out_ptr": f"*{d}", "N": "i32", "K": "i32", "mu": "fp32", "alpha": "fp32", "out_scale": "fp32",
+                 "out_ptr": f"*{d}", "N": "i32", "K": "i32", "mu": "fp32", "alpha": "fp32", "smoothing": "fp32", "out_scale": "fp32",
                  "ignore_index": "i32", "scale_mode": "i32", "stats_mode": "i32", "write_loss": "i32",
                  "write_grad": "i32", "finalize": "i32"}
         aligned = ["z_ptr", "t_ptr", "g_ptr", "loss_ptr", "scale_ptr", "stats_ptr", "out_ptr", "z_stride", "g_stride", "K"]
@@ -121,13 +121,14 @@ def aot_specializations() -> list[dict]:
 
 def launch_rows(z, t, *, phi, mu, alpha, out_scale, ignore_index, loss_rows=None, grad=None, scale=None,
                 scale_mode=ScaleMode.ONE, stats=None, stats_mode=StatsMode.NONE, out=None,
-                finalize=Finalize.NONE) -> None:
+                finalize=Finalize.NONE, smoothing=0.0) -> None:
     """One launch of the row kernel over z (N, K) and targets t (N,).
 
     Writes each row's loss into ``loss_rows`` (N,) float32 and its gradient into ``grad`` (N, K) when
     given; reads the gradient factor from ``scale`` per ``scale_mode``; writes or reads the row statistics
     ``stats`` (2, N) per ``stats_mode``; with ``finalize`` (one program holding every row) writes the
-    reduced loss to ``out``. Arguments left out are not touched by the kernel: the pointers it still needs
+    reduced loss to ``out``. ``smoothing``: label smoothing, for the identity phi (cross-entropy) only.
+    Arguments left out are not touched by the kernel: the pointers it still needs
     are given placeholders of the right type here.
     """
     N, K = z.shape
@@ -142,7 +143,7 @@ def launch_rows(z, t, *, phi, mu, alpha, out_scale, ignore_index, loss_rows=None
         z, z.stride(0), t, g, g.stride(0), unused if loss_rows is None else loss_rows,
         unused if scale is None else scale, 1 if scale_mode == ScaleMode.PER_ROW else 0,
         unused if stats is None else stats, z if out is None else out, N, K,
-        float(mu), float(alpha), float(out_scale), int(ignore_index), int(scale_mode), int(stats_mode),
+        float(mu), float(alpha), float(smoothing), float(out_scale), int(ignore_index), int(scale_mode), int(stats_mode),
         int(loss_rows is not None), int(grad is not None), int(finalize), PHI=int(phi), num_warps=num_warps, **cfg)
 
 

@@ -15,6 +15,7 @@ class Phi(enum.IntEnum):
 
     TANH = 0  # tanh(alpha F)
     LOG = 1  # 1 - softplus(log(e - 1) - F)
+    IDENTITY = 2  # F: with mu = 1 the row loss is the cross-entropy (the fused linear cross-entropy)
 
 
 class Reduction(enum.IntEnum):
