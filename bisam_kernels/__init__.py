@@ -6,6 +6,12 @@ uses a lower bound of the 0-1 loss. See README.md for the API and docs/design.md
 
 from bisam_kernels import ops
 from bisam_kernels._extension import built_with_cuda
+from bisam_kernels.ops.fused_linear import (
+    FusedLinearBiSAMLoss,
+    FusedLinearCrossEntropy,
+    fused_linear_bisam_loss,
+    fused_linear_cross_entropy,
+)
 from bisam_kernels.ops.row_loss import BiSAMLoss, bisam_loss
 from bisam_kernels.ops.cross_entropy import smooth_cross_entropy
 from bisam_kernels.optim import SAM, BiSAM
@@ -18,6 +24,10 @@ __all__ = [
     "built_with_cuda",
     "bisam_loss",
     "BiSAMLoss",
+    "fused_linear_bisam_loss",
+    "fused_linear_cross_entropy",
+    "FusedLinearBiSAMLoss",
+    "FusedLinearCrossEntropy",
     "smooth_cross_entropy",
     "BiSAM",
     "SAM",

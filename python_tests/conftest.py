@@ -62,3 +62,44 @@ def _seed():
     seed = int(os.environ.get("BISAM_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"seed: BISAM_TEST_SEED={seed}")
     torch.manual_seed(seed)
+
+
+class Route:
+    """Reusable context: route CPU tensors through the Triton row kernels (interpreter) or not."""
+
+    def __init__(self, triton: bool):
+        self.triton = triton
+
+    def __enter__(self):
+        from bisam_kernels.ops import row_loss
+
+        self._cm = row_loss.triton_on_cpu(self.triton)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+@pytest.fixture(params=["composite", "triton"] + (["cuda"] if torch.cuda.is_available() else []))
+def backend(request):
+    """(device, context) of the row-loss tests: the composite CPU path, the Triton kernels on the CPU
+    (interpreter), CUDA."""
+    if request.param == "composite":
+        return "cpu", Route(False)
+    if request.param == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without a GPU)")
+        return "cpu", Route(True)
+    return "cuda", Route(False)
+
+
+@pytest.fixture
+def poison_row_buffers(monkeypatch):
+    """Every buffer the row-loss launcher allocates starts as NaN (integers as -7), so an unwritten element
+    fails."""
+    from bisam_kernels.ops.row_loss import launch
+
+    def empty(shape, dtype, device):
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
+
+    monkeypatch.setattr(launch, "empty", empty)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import Route, requires_cuda
 
 import bisam_kernels as bk
 from bisam_kernels.ops import row_loss
@@ -29,41 +29,7 @@ SHAPES = [(0, 10), (1, 1), (7, 1), (128, 2), (7, 10), (128, 10), (1, 100), (128,
           (7, 32001)]
 
 
-class Route:
-    """Reusable context: route CPU tensors through the Triton kernels (interpreter) or not."""
-
-    def __init__(self, triton: bool):
-        self.triton = triton
-
-    def __enter__(self):
-        self._cm = row_loss.triton_on_cpu(self.triton)
-        return self._cm.__enter__()
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
-
-
-@pytest.fixture(params=["composite", "triton"] + (["cuda"] if torch.cuda.is_available() else []))
-def backend(request):
-    """(device, context): the composite CPU path, the Triton kernels on the CPU (interpreter), CUDA."""
-    if request.param == "composite":
-        return "cpu", Route(False)
-    if request.param == "triton":
-        if not INTERPRETED:
-            pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without a GPU)")
-        return "cpu", Route(True)
-    return "cuda", Route(False)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every buffer a kernel writes starts as NaN (integers as -7), so an unwritten element fails."""
-
-    def empty(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else -7
-        return torch.full(shape, fill, dtype=dtype, device=device)
-
-    monkeypatch.setattr(launch, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poison_row_buffers")
 
 
 def make_inputs(N, K, device, dtype=torch.float32, scale=3.0, ignored=0.2, target_dtype=torch.int64):
