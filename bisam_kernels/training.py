@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from bisam_kernels.ops.cross_entropy import SMOOTHING_STYLES, cross_entropy
+from bisam_kernels.ops.fused_linear import fused_linear_bisam_loss, fused_linear_cross_entropy
+from bisam_kernels.ops.row_loss import bisam_loss
 from bisam_kernels.optim import BiSAM
 
 __all__ = ["frozen_bn_stats", "bisam_step", "BiSAMStepOutput"]
@@ -63,7 +65,7 @@ class BiSAMStepOutput(NamedTuple):
 
     ascent_loss: torch.Tensor  # pass-1 (surrogate) loss at w, mean over the batch
     loss: torch.Tensor  # pass-2 training loss at w + e, mean over the batch
-    logits: torch.Tensor  # pass-1 logits at w (for accuracy), all micro-batches concatenated
+    logits: torch.Tensor | None  # pass-1 logits at w (for accuracy), all micro-batches; None with a head
     ascent_norm: torch.Tensor  # first_step's gradient norm; not finite: the perturbation was skipped
 
 
@@ -71,15 +73,19 @@ _ASCENT_LOSSES = ("log", "tanh", "cross_entropy")
 
 
 def _builtin_loss(name: str, reduction: str, mu: float, alpha: float, label_smoothing: float, smoothing_style: str,
-                  ignore_index: int):
-    """The built-in losses, all with the classes last ((..., K) logits, as bisam_loss takes them)."""
+                  ignore_index: int, head: nn.Module | None):
+    """The built-in losses, all with the classes last ((..., K) logits, as bisam_loss takes them). With a
+    head, they take the hidden states and run the fused linear losses over head.weight / head.bias (read at
+    each call: pass 2 sees the perturbed weights)."""
+    if head is not None:
+        if name == "cross_entropy":
+            return lambda h, y: fused_linear_cross_entropy(h, head.weight, y, getattr(head, "bias", None),
+                                                           label_smoothing, reduction, ignore_index)
+        return lambda h, y: fused_linear_bisam_loss(h, head.weight, y, getattr(head, "bias", None), name, mu, alpha,
+                                                    reduction, ignore_index)
     if name == "cross_entropy":
         return lambda z, y: cross_entropy(z, y, label_smoothing, smoothing_style, reduction, ignore_index)
-    import bisam_kernels  # the fused loss lives in the package namespace
-
-    return lambda z, y: bisam_kernels.bisam_loss(
-        z, y, phi=name, mu=mu, alpha=alpha, reduction=reduction, ignore_index=ignore_index
-    )
+    return lambda z, y: bisam_loss(z, y, phi=name, mu=mu, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
 
 
 def _split(batch, k: int) -> list:
@@ -138,6 +144,7 @@ def bisam_step(
     micro_batches: int = 1,
     sync_first_pass: bool = False,
     freeze_bn: bool = True,
+    head: nn.Module | None = None,
 ) -> BiSAMStepOutput:
     """One BiSAM (or SAM) training step: two forward/backward passes and the optimizer update.
 
@@ -171,8 +178,16 @@ def bisam_step(
             (pass 1 under ``no_sync``, no communication, the "m-sharpness" of the SAM paper);
             ``True``: pass-1 gradients are all-reduced, so all replicas apply the same perturbation.
         freeze_bn: freeze BatchNorm running statistics in pass 2 (:func:`frozen_bn_stats`).
+        head: the language-model form. The model returns hidden states ``(..., H)`` and ``head`` holds the
+            output projection: a module with ``weight`` ``(V, H)`` and optionally ``bias`` ``(V,)`` (an
+            ``nn.Linear``; an ``nn.Embedding`` for tied embeddings), among the optimizer's parameters. The
+            built-in losses then run through :func:`bisam_kernels.fused_linear_bisam_loss` and
+            :func:`bisam_kernels.fused_linear_cross_entropy`: the ``(..., V)`` logits are never
+            materialised (label smoothing in the ``"pytorch"`` style only). A callable loss receives the
+            hidden states.
 
-    Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits, ascent_norm)``, detached, on the device.
+    Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits, ascent_norm)``, detached, on the device
+    (``logits`` is None in the language-model form).
 
     Runs eagerly (the optimizer steps are graph breaks under ``torch.compile``): compile the model.
     """
@@ -186,6 +201,12 @@ def bisam_step(
         raise ValueError("targets must have a batch dimension, got a 0-dim tensor")
     if label_smoothing_style not in SMOOTHING_STYLES:
         raise ValueError(f"label_smoothing_style must be one of {SMOOTHING_STYLES}, got {label_smoothing_style!r}")
+    if head is not None:
+        if not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise TypeError(f"head must be a module with a weight (V, H) (an nn.Linear or nn.Embedding), got "
+                            f"{type(head).__name__}")
+        if label_smoothing_style != "pytorch":
+            raise ValueError("the language-model form (head=) supports label_smoothing_style='pytorch' only")
     batch = targets.shape[0]
     if micro_batches > max(batch, 1):
         raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch}")
@@ -205,7 +226,8 @@ def bisam_step(
         reduction, per_row = "sum", [1.0 / n_valid] * micro_batches
 
     def builtin(name):
-        return _builtin_loss(name, reduction, mu, alpha, label_smoothing, label_smoothing_style, ignore_index), per_row
+        return (_builtin_loss(name, reduction, mu, alpha, label_smoothing, label_smoothing_style, ignore_index, head),
+                per_row)
 
     loss2, w2 = builtin("cross_entropy") if loss_fn is None else (loss_fn, fractions)
     if isinstance(ascent_loss, str):
@@ -224,7 +246,7 @@ def bisam_step(
         autocast = contextlib.nullcontext
 
     optimizer.zero_grad()
-    ascent, logits = _one_pass(model, x_chunks, y_chunks, loss1, w1, scaler, autocast, sync_first_pass, True)
+    ascent, logits = _one_pass(model, x_chunks, y_chunks, loss1, w1, scaler, autocast, sync_first_pass, head is None)
     norm = optimizer.first_step(zero_grad=True)
     if scaler is not None and scaler.is_enabled() and not sync_first_pass and _is_ddp(model):
         # Each replica perturbed with its own pass-1 gradients, so an overflow there is local: a NaN factor
@@ -240,4 +262,8 @@ def bisam_step(
     optimizer.second_step(zero_grad=True, scaler=scaler)
     if scaler is not None:
         scaler.update()
-    return BiSAMStepOutput(ascent, loss, logits[0] if len(logits) == 1 else torch.cat(logits), norm.detach())
+    if not logits:  # the language-model form: no logits exist
+        logits = None
+    else:
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+    return BiSAMStepOutput(ascent, loss, logits, norm.detach())
