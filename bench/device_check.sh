@@ -50,10 +50,19 @@ stage "tests"
 # The suites with GPU cases (CUDA ops, Triton kernels on CUDA tensors, the optimizer on CUDA); the
 # CPU-only ones (AOT compilation, CMake build, gloo, the example) run in CI. A time limit keeps the budget.
 timeout -s INT -k 15 "$(clamp $(($(left) - 120)) 30 150)" "$py" -m pytest python_tests/test_sam_perturb.py \
-  python_tests/test_bisam_loss.py python_tests/test_optim.py python_tests/test_optim_training.py -q -p no:cacheprovider \
+  python_tests/test_bisam_loss.py python_tests/test_optim.py python_tests/test_optim_training.py python_tests/test_fused_linear.py \
+  python_tests/test_lm_step.py -q -p no:cacheprovider \
   --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$out/tests.log"
+
+stage "linear loss"
+# The fused linear + loss against the materialised path (and Liger-Kernel where importable) at the
+# language-model shape, each implementation in a fresh process; the table is its last lines.
+timeout -s INT -k 10 "$(clamp $(($(left) - 240)) 30 120)" "$py" -m bench.bench_linear_loss --device cuda \
+  --shape 16384x4096x128256 --impls fused materialised liger --reps 3 --json "$out/linear_loss.json" \
+  >"$out/linear_loss.log" 2>&1
+tail -n 6 "$out/linear_loss.log"
 
 stage "benchmarks"
 # The runner measures the workloads the targets are read from first and writes its results after every

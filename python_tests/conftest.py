@@ -80,7 +80,7 @@ class Route:
         return self._cm.__exit__(*exc)
 
 
-@pytest.fixture(params=["composite", "triton"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.fixture(params=["composite", "triton", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
 def backend(request):
     """(device, context) of the row-loss tests: the composite CPU path, the Triton kernels on the CPU
     (interpreter), CUDA."""

@@ -31,7 +31,7 @@ from bisam_kernels.ops.row_loss.modes import PHIS, REDUCTIONS, TARGET_DTYPES, Ph
 __all__ = ["fused_linear_bisam_loss", "fused_linear_cross_entropy", "FusedLinearBiSAMLoss",
            "FusedLinearCrossEntropy", "default_chunk_rows"]
 
-CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}  # a chunk's logits, at most (the memory budget)
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}  # a chunk's logits, at most (the memory budget)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -383,7 +383,7 @@ def fused_linear_bisam_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
         weight: ``(V, H)``, the ``nn.Linear`` layout (an LM head; tied embeddings included), hidden's dtype.
         targets: int64 / int32 of shape ``hidden.shape[:-1]``. bias: ``(V,)`` or None.
         phi, mu, alpha, reduction, ignore_index: as :func:`bisam_kernels.bisam_loss`.
-        chunk_rows: rows per chunk (the memory of a chunk's logits); default: within 32 MiB on the CPU,
+        chunk_rows: rows per chunk (the memory of a chunk's logits); default: within 128 MiB on the CPU,
             256 MiB on CUDA.
 
     Differentiable in hidden, weight and bias (once). The loss is float32 (float64 for float64 inputs),

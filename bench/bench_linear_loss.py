@@ -1,0 +1,223 @@
+"""The fused linear + loss against the materialised path, each measurement in a fresh process.
+
+Workloads ``linear_loss_<N>x<H>x<V>``: forward + backward of ``loss(hidden @ weight.T, targets)`` with
+gradients for hidden and weight, for the BiSAM lower bound (pass 1; phi="log") and the cross-entropy
+(pass 2). Implementations:
+
+  fused              bk.fused_linear_bisam_loss / bk.fused_linear_cross_entropy (chunked, no logits)
+  materialised       F.linear, then bk.bisam_loss / F.cross_entropy (the logits and their gradient)
+  compiled           torch.compile of the materialised path
+  liger              Liger-Kernel's fused linear cross-entropy (cross-entropy only; where importable)
+
+Peak memory is counted above the inputs and their gradients: on CUDA from the allocator's peak, on
+the CPU from the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before the
+measured calls). Every implementation runs in its own process, so that neither allocator caches nor
+another implementation's high-water mark leak into a number.
+
+    python -m bench.bench_linear_loss                          # CPU: 8192x128x32000 float32, both losses
+    python -m bench.bench_linear_loss --shape 256x64x4000 --reps 2 --impls fused materialised
+    python -m bench.bench_linear_loss --device cuda --dtype bfloat16 --shape 16384x4096x128256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLS = ("fused", "materialised", "compiled", "liger")
+LOSSES = ("bisam", "ce")
+CPU_SHAPE = "8192x128x32000"
+GPU_SHAPES = ("8192x4096x32000", "16384x4096x128256")
+
+
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    n, h, v = (int(x) for x in shape.lower().split("x"))
+    return n, h, v
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak bytes above the moment of reset(): CUDA allocator statistics, or the CPU process's VmHWM."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def reset(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+            self.base = _rss_bytes("VmRSS")
+
+    def peak(self) -> int:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return _rss_bytes("VmHWM") - self.base
+
+
+def _step_fn(impl: str, loss: str):
+    import torch
+    import torch.nn.functional as F
+
+    import bisam_kernels as bk
+
+    if impl == "fused":
+        if loss == "bisam":
+            return lambda h, w, t: bk.fused_linear_bisam_loss(h, w, t, phi="log")
+        return lambda h, w, t: bk.fused_linear_cross_entropy(h, w, t)
+    if impl == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        if loss != "ce":
+            raise ValueError("Liger-Kernel has no BiSAM loss")
+        return lambda h, w, t: liger_fused_linear_cross_entropy(h, w, t)
+
+    def materialised(h, w, t):
+        z = F.linear(h, w)
+        return bk.bisam_loss(z, t, phi="log") if loss == "bisam" else F.cross_entropy(z, t)
+
+    if impl == "materialised":
+        return materialised
+    if impl == "compiled":
+        return torch.compile(materialised)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def measure(impl: str, loss: str, shape: str, device: str, dtype: str, reps: int) -> dict:
+    """In this process: median time of forward + backward and the peak memory above inputs and gradients."""
+    import torch
+
+    N, H, V = parse_shape(shape)
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    hidden = torch.randn(N, H, device=device, dtype=dt).requires_grad_()
+    weight = (torch.randn(V, H, device=device, dtype=dt) / H ** 0.5).requires_grad_()
+    targets = torch.randint(0, V, (N,), device=device)
+    fn = _step_fn(impl, loss)
+    grad_bytes = sum(x.numel() * x.element_size() for x in (hidden, weight))
+
+    def call():
+        hidden.grad = weight.grad = None
+        fn(hidden, weight, targets).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    call()  # warm-up: compilation, allocator, BLAS
+    hidden.grad = weight.grad = None
+    memory = PeakMemory(device)
+    memory.reset()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    peak = memory.peak()
+    return {"impl": impl, "loss": loss, "workload": f"linear_loss_{shape}", "device": device, "dtype": dtype,
+            "reps": reps, "median_s": statistics.median(times), "times_s": times,
+            "peak_above_inputs_and_grads_bytes": peak - grad_bytes}
+
+
+def _in_fresh_process(impl, loss, shape, device, dtype, reps) -> dict | None:
+    cmd = [sys.executable, "-m", "bench.bench_linear_loss", "--one", impl, "--losses", loss, "--shape", shape,
+           "--device", device, "--dtype", dtype, "--reps", str(reps)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {impl}/{loss}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _available(impl: str, loss: str, device: str) -> bool:
+    if impl == "liger":
+        if loss != "ce" or device != "cuda":
+            return False
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return False
+    return True
+
+
+def compare(shape: str, device: str, dtype: str, reps: int, impls, losses) -> list[dict]:
+    """Every implementation in a fresh process; prints the table with ratios to the materialised path."""
+    rows = []
+    print(f"linear_loss_{shape} {dtype} on {device}: forward + backward (hidden and weight), median of {reps}; "
+          "peak memory above the inputs and their gradients; each in a fresh process")
+    print(f"{'loss':6} {'impl':13} {'time':>10} {'x materialised':>15} {'peak MiB':>10} {'x materialised':>15}")
+    for loss in losses:
+        results = {}
+        for impl in impls:
+            if not _available(impl, loss, device):
+                continue
+            row = _in_fresh_process(impl, loss, shape, device, dtype, reps)
+            if row is None:
+                continue
+            results[impl] = row
+            rows.append(row)
+        base = results.get("materialised")
+        for impl, row in results.items():
+            t, m = row["median_s"], row["peak_above_inputs_and_grads_bytes"]
+            if base:
+                row["time_vs_materialised"] = t / base["median_s"]
+                row["peak_vs_materialised"] = m / max(base["peak_above_inputs_and_grads_bytes"], 1)
+            rt = f"{row['time_vs_materialised']:.2f}x" if base else "-"
+            rm = f"{row['peak_vs_materialised']:.3f}x" if base else "-"
+            print(f"{loss:6} {impl:13} {t * 1e3:8.1f}ms {rt:>15} {m / 2**20:10.1f} {rm:>15}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default=None, help=f"NxHxV (default: {CPU_SHAPE} on the CPU, "
+                        f"{' and '.join(GPU_SHAPES)} on CUDA)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 on the CPU, bfloat16 on CUDA by default")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--impls", nargs="+", default=["fused", "materialised", "compiled", "liger"], choices=IMPLS)
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--one", choices=IMPLS, help=argparse.SUPPRESS)  # the fresh process's job
+    args = parser.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.one:
+        print(json.dumps(measure(args.one, args.losses[0], args.shape, args.device, dtype, args.reps)))
+        return 0
+    shapes = [args.shape] if args.shape else (list(GPU_SHAPES) if args.device == "cuda" else [CPU_SHAPE])
+    rows = []
+    for shape in shapes:
+        rows += compare(shape, args.device, dtype, args.reps, args.impls, args.losses)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
