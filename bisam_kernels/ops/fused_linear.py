@@ -81,13 +81,14 @@ def _chunk_grad(z, t, params, row_scale, loss_rows, stats, stats_mode, want_grad
 
 def _run_chunks(hidden, weight, bias, t, params, chunk, *, row_scale=None, loss_rows=None, stats=None,
                 stats_mode=StatsMode.NONE, grads=(False, False, False)):
-    """One pass over the row chunks: each chunk's logits, its row loss and, for the gradients asked for
+    """One pass over the row chunks (of ``chunk`` rows; 0: default_chunk_rows): each chunk's logits, its row loss and, for the gradients asked for
     (hidden, weight, bias), the matmuls that carry the chunk's logit gradient back. Returns the gradients
     (None where not asked): hidden's in its dtype, weight's in its dtype (float32 for float16, whose
     unscaled sums can pass 65504), bias's in float32.
 
     row_scale: None, the 0-dim count of the mean, or the (N,) per-row factors of reduction="none"."""
     N, V = hidden.shape[0], weight.shape[0]
+    chunk = chunk or default_chunk_rows(N, V, hidden.dtype, hidden.device)
     want_grad = any(grads)
     gh = launch.empty(hidden.shape, hidden.dtype, hidden.device) if grads[0] else None
     gw = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype == torch.float16 else weight.dtype,
@@ -362,7 +363,7 @@ def _fused_linear_loss(hidden, weight, targets, bias, phi, mu, alpha, smoothing,
     t = targets.reshape(-1)
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         check_targets(t, V, ignore_index)  # on the host, free on the CPU (CUDA, compiled: NaN rows)
-    chunk = int(chunk_rows) if chunk_rows is not None else default_chunk_rows(h.shape[0], V, h.dtype, h.device)
+    chunk = 0 if chunk_rows is None else int(chunk_rows)  # 0: chosen inside the op (no guard on N when compiled)
     enabled = torch.is_grad_enabled()
     wants = (enabled and hidden.requires_grad, enabled and weight.requires_grad,
              enabled and bias is not None and bias.requires_grad)
