@@ -43,7 +43,9 @@ class Route:
         return self._cm.__exit__(*exc)
 
 
-@pytest.fixture(params=["composite", "triton"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.fixture(
+    params=["composite", "triton"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
+)
 def backend(request):
     """(device, context): the composite CPU path, the Triton kernels on the CPU (interpreter), CUDA."""
     if request.param == "composite":
@@ -175,9 +177,14 @@ def test_low_precision_within_twice_pytorch_error(backend, dtype, phi, N, K, red
 # Direct launcher calls: the Triton kernels under the interpreter, every code path
 # ---------------------------------------------------------------------------------------------
 
-needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
-                                   reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def needs_kernels(test):
+    """On the GPU when there is one (then marked `cuda`), else under the interpreter."""
+    test = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                              reason="Triton kernels need a GPU or TRITON_INTERPRET=1")(test)
+    return pytest.mark.cuda(test) if KERNEL_DEVICE == "cuda" else test
 
 
 @needs_kernels
