@@ -44,10 +44,16 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import pytest  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_skip_without_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# The CUDA case is listed everywhere (marked `cuda`, selected by `-m cuda`), skipped without a GPU.
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
+def requires_cuda(test):
+    """A GPU test: marked `cuda` (bench/device_check.sh selects them with `-m cuda`), skipped without a GPU."""
+    return pytest.mark.cuda(_skip_without_gpu(test))
+
+
+# The CUDA case is listed everywhere (marked `cuda`), skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _skip_without_gpu])]
 
 
 @pytest.fixture(params=DEVICES)
@@ -80,7 +86,7 @@ class Route:
         return self._cm.__exit__(*exc)
 
 
-@pytest.fixture(params=["composite", "triton", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])])
+@pytest.fixture(params=["composite", "triton", pytest.param("cuda", marks=[pytest.mark.cuda, _skip_without_gpu])])
 def backend(request):
     """(device, context) of the row-loss tests: the composite CPU path, the Triton kernels on the CPU
     (interpreter), CUDA."""

@@ -141,9 +141,14 @@ def test_low_precision_within_twice_pytorch_error(backend, dtype, phi, N, K, red
 # Direct launcher calls: the Triton kernels under the interpreter, every code path
 # ---------------------------------------------------------------------------------------------
 
-needs_kernels = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
-                                   reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def needs_kernels(test):
+    """On the GPU when there is one (then marked `cuda`), else under the interpreter."""
+    test = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                              reason="Triton kernels need a GPU or TRITON_INTERPRET=1")(test)
+    return pytest.mark.cuda(test) if KERNEL_DEVICE == "cuda" else test
 
 
 @needs_kernels

@@ -372,7 +372,6 @@ def test_chunk_rows_keep_the_logits_within_the_budget():
 
 
 @requires_cuda
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cuda_no_host_sync(dtype, reduction):

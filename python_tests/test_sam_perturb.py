@@ -466,6 +466,7 @@ def test_cuda_tensor_over_2_31_elements():
 # ---- the build: the CUDA kernels really compiled, for sm_90 ----
 
 
+@pytest.mark.cuda  # the GPU machine's own build too
 @pytest.mark.skipif(os.environ.get("BISAM_REQUIRE_CUDA") != "1", reason="CUDA build not required here")
 def test_cuda_build_is_present_with_sm90_code():
     assert bk.built_with_cuda(), "nvcc is present but the CUDA kernels were not compiled"
@@ -481,5 +482,6 @@ def test_cuda_build_is_present_with_sm90_code():
     if "9.0" in arch_list:
         assert "sm_90" in out.stdout, out.stdout
     sass = subprocess.run([cuobjdump, "--dump-sass", bk._extension._C.__file__], capture_output=True, text=True)
-    assert "perturb_kernel" in sass.stdout and "sq_norm_partials_kernel" in sass.stdout
+    for kernel in ("SqNormPartials", "sum_partials_kernel", "Perturb", "Restore"):  # the ops' functors
+        assert kernel in sass.stdout, kernel
     assert "LDG.E.128" in sass.stdout, "the kernels should use 16-byte vector loads"
