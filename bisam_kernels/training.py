@@ -78,11 +78,19 @@ def _builtin_loss(name: str, reduction: str, mu: float, alpha: float, label_smoo
     head, they take the hidden states and run the fused linear losses over head.weight / head.bias (read at
     each call: pass 2 sees the perturbed weights)."""
     if head is not None:
+        def hidden_states(h):
+            if not isinstance(h, torch.Tensor) or h.shape[-1] != head.weight.shape[1]:
+                got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+                raise ValueError(f"with head=, the model must return hidden states (..., {head.weight.shape[1]}) "
+                                 f"(the head's input width), got {got}: does the model still apply the head?")
+            return h
+
         if name == "cross_entropy":
-            return lambda h, y: fused_linear_cross_entropy(h, head.weight, y, getattr(head, "bias", None),
-                                                           label_smoothing, reduction, ignore_index)
-        return lambda h, y: fused_linear_bisam_loss(h, head.weight, y, getattr(head, "bias", None), name, mu, alpha,
-                                                    reduction, ignore_index)
+            return lambda h, y: fused_linear_cross_entropy(hidden_states(h), head.weight, y,
+                                                           getattr(head, "bias", None), label_smoothing, reduction,
+                                                           ignore_index)
+        return lambda h, y: fused_linear_bisam_loss(hidden_states(h), head.weight, y, getattr(head, "bias", None),
+                                                    name, mu, alpha, reduction, ignore_index)
     if name == "cross_entropy":
         return lambda z, y: cross_entropy(z, y, label_smoothing, smoothing_style, reduction, ignore_index)
     return lambda z, y: bisam_loss(z, y, phi=name, mu=mu, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
@@ -183,8 +191,8 @@ def bisam_step(
             ``nn.Linear``; an ``nn.Embedding`` for tied embeddings), among the optimizer's parameters. The
             built-in losses then run through :func:`bisam_kernels.fused_linear_bisam_loss` and
             :func:`bisam_kernels.fused_linear_cross_entropy`: the ``(..., V)`` logits are never
-            materialised (label smoothing in the ``"pytorch"`` style only). A callable loss receives the
-            hidden states.
+            materialised (label smoothing in the ``"pytorch"`` style only; class-index targets only). A
+            callable loss receives the hidden states.
 
     Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits, ascent_norm)``, detached, on the device
     (``logits`` is None in the language-model form).
@@ -207,6 +215,10 @@ def bisam_step(
                             f"{type(head).__name__}")
         if label_smoothing_style != "pytorch":
             raise ValueError("the language-model form (head=) supports label_smoothing_style='pytorch' only")
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if id(head.weight) not in optimized:
+            raise ValueError("head.weight is not among the optimizer's parameters: pass the model's own output "
+                             "projection (e.g. head=model.lm_head), whose parameters the optimizer updates")
     batch = targets.shape[0]
     if micro_batches > max(batch, 1):
         raise ValueError(f"micro_batches={micro_batches} exceeds the batch size {batch}")

@@ -252,7 +252,8 @@ def test_autocast_casts_like_linear(backend, dtype):
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(weight=torch.randn(5, 3)), ValueError, r"weight must have shape \(V, H\)"),
+    (dict(weight=torch.randn(5, 3)), ValueError, r"weight must have shape \(V, H\).*not the logits"),
+    (dict(weight=torch.randn(4, 5)), ValueError, r"weight must have shape \(V, H\).*transposed"),
     (dict(weight=torch.randn(5, 4, dtype=torch.float64)), TypeError, "weight has dtype"),
     (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
     (dict(targets=torch.zeros(6, dtype=torch.int64)), ValueError, "targets must have shape"),
@@ -358,11 +359,12 @@ def test_torch_compile_dynamic_one_graph(backend):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_chunk_rows_keep_the_logits_within_the_budget():
-    assert fused_linear.default_chunk_rows(8192, 32000, torch.float32, torch.device("cpu")) * 32000 * 4 <= \
-        fused_linear.CHUNK_BYTES["cpu"]
+def test_chunk_rows_keep_the_working_set_within_the_budget():
+    rows = fused_linear.default_chunk_rows(8192, 32000, torch.float32, torch.device("cpu"))
+    assert rows * 32000 * 4 * fused_linear.WORKING_SET["cpu"] <= fused_linear.CHUNK_BYTES["cpu"]
     rows = fused_linear.default_chunk_rows(16384, 128256, torch.bfloat16, torch.device("cuda"))
-    assert rows * 128256 * 2 <= fused_linear.CHUNK_BYTES["cuda"] and 16384 % rows == 0
+    assert rows * 128256 * 2 * fused_linear.WORKING_SET["cuda"] <= fused_linear.CHUNK_BYTES["cuda"]
+    assert 16384 % rows == 0  # balanced: no sliver
     assert fused_linear.default_chunk_rows(10, 5, torch.float32, torch.device("cpu")) == 10
 
 

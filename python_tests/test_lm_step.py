@@ -72,3 +72,7 @@ def test_head_form_errors():
         bk.bisam_step(model, opt, x, y, head=object())
     with pytest.raises(ValueError, match="label_smoothing_style='pytorch' only"):
         bk.bisam_step(model, opt, x, y, head=model.head, label_smoothing_style="released")
+    with pytest.raises(ValueError, match="not among the optimizer's parameters"):
+        bk.bisam_step(model, opt, x, y, head=nn.Linear(H, V))
+    with pytest.raises(ValueError, match="must return hidden states .*still apply the head"):
+        bk.bisam_step(model, opt, x, y, head=model.head)  # the model returns logits (return_hidden is False)

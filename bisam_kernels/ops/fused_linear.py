@@ -31,15 +31,18 @@ from bisam_kernels.ops.row_loss.modes import PHIS, REDUCTIONS, TARGET_DTYPES, Ph
 __all__ = ["fused_linear_bisam_loss", "fused_linear_cross_entropy", "FusedLinearBiSAMLoss",
            "FusedLinearCrossEntropy", "default_chunk_rows"]
 
-CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 128 << 20}  # a chunk's logits, at most (the memory budget)
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 256 << 20}  # a chunk's working set, at most (the memory budget)
+# Logit-sized arrays a chunk holds at once: the Triton row kernel writes the gradient over the logits (1);
+# the composite CPU path makes temporaries of the logits' size (about 4, measured peak / chunk logits).
+WORKING_SET = {"cuda": 1, "cpu": 4}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def default_chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk: as many as keep a chunk's logits within the device's budget, balanced so that the
-    last chunk is not a sliver."""
-    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
-    most = max(1, budget // (max(v, 1) * dtype.itemsize))
+    """Rows per chunk: as many as keep a chunk's working set (its logits and the temporaries of their
+    size) within the device's budget, balanced so that the last chunk is not a sliver."""
+    kind = "cpu" if device.type == "cpu" else "cuda"
+    most = max(1, CHUNK_BYTES[kind] // (WORKING_SET[kind] * max(v, 1) * dtype.itemsize))
     chunks = max(1, -(-n // most))
     return max(1, -(-n // chunks))
 
@@ -311,6 +314,9 @@ def _backward(ctx, grad_loss, *unused):
 torch.library.register_autograd("bisam::fused_linear_loss", _backward, setup_context=_setup_context)
 
 
+_ORDER = " (the arguments are (hidden (..., H), weight (V, H), targets (...), bias (V,) or None))"
+
+
 def _check(hidden, weight, bias, targets, chunk_rows):
     for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(x, torch.Tensor):
@@ -322,10 +328,16 @@ def _check(hidden, weight, bias, targets, chunk_rows):
     if hidden.dim() < 2:
         raise ValueError(f"hidden must have shape (N, H) or (..., H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        hint = _ORDER
+        if weight.dim() == 2 and weight.shape[0] == hidden.shape[-1]:
+            hint = " (it looks transposed: pass the head's weight as nn.Linear holds it, not weight.T)"
+        elif weight.dim() == 2:
+            hint = (" (is the first argument the hidden states (..., H), not the logits? " + _ORDER.strip(" ()")
+                    + ")")
         raise ValueError(f"weight must have shape (V, H) with V >= 1 and H = hidden.shape[-1] = "
-                         f"{hidden.shape[-1]} (the nn.Linear layout), got {tuple(weight.shape)}")
+                         f"{hidden.shape[-1]} (the nn.Linear layout), got {tuple(weight.shape)}{hint}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}{_ORDER}")
     for name, x in (("weight", weight), ("bias", bias)):
         if x is not None and x.dtype != hidden.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but hidden has {hidden.dtype} (under torch.autocast "
@@ -336,7 +348,7 @@ def _check(hidden, weight, bias, targets, chunk_rows):
         raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's shape without the last "
-                         f"dimension), got {tuple(targets.shape)}")
+                         f"dimension), got {tuple(targets.shape)}{_ORDER}")
     if targets.device != hidden.device:
         raise ValueError(f"targets are on {targets.device} but hidden is on {hidden.device}")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral)
@@ -384,10 +396,16 @@ def fused_linear_bisam_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
         weight: ``(V, H)``, the ``nn.Linear`` layout (an LM head; tied embeddings included), hidden's dtype.
         targets: int64 / int32 of shape ``hidden.shape[:-1]``. bias: ``(V,)`` or None.
         phi, mu, alpha, reduction, ignore_index: as :func:`bisam_kernels.bisam_loss`.
-        chunk_rows: rows per chunk (the memory of a chunk's logits); default: within 128 MiB on the CPU,
-            256 MiB on CUDA.
+        chunk_rows: rows per chunk; default: a chunk's working set (its logits, and on the CPU the
+            temporaries of their size) within 256 MiB.
 
-    Differentiable in hidden, weight and bias (once). The loss is float32 (float64 for float64 inputs),
+    When any input requires a gradient the forward computes the gradients too (the logits are gone by
+    the backward): evaluate under ``torch.no_grad()``, or it costs the gradient matmuls as well.
+    Differentiable in hidden, weight and bias once: a second backward through the same graph
+    (``retain_graph=True``) raises, and there is no double backward. ``scale_by_mu`` is not offered
+    (divide the loss by ``mu``). A target outside ``[0, V)`` that is not ``ignore_index`` raises on the
+    CPU; on CUDA and under ``torch.compile`` its row's loss and gradients are NaN (no host sync).
+    The loss is float32 (float64 for float64 inputs),
     with float32 math whatever the input dtype; the gradients have the inputs' dtypes. Under ``torch.autocast`` the inputs are cast to the
     autocast dtype first, as ``nn.Linear`` does. For mean / sum the gradients are computed in the forward
     (they take the memory of the gradients from then on, not of the logits). In bfloat16 and float16 the
