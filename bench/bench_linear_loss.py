@@ -215,8 +215,33 @@ def main(argv=None) -> int:
         rows += compare(shape, args.device, dtype, args.reps, args.impls, args.losses)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"meta": _environment(args.device), "rows": rows}, f, indent=1)
     return 0
+
+
+def _environment(device: str) -> dict:
+    """Where and when the rows were measured: versions, device, date, git revision."""
+    import datetime
+    import platform
+
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    if device == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return {"device": name, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton_version, "date": datetime.date.today().isoformat(), "git_revision": revision or None}
 
 
 def _cuda() -> bool:

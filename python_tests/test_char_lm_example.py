@@ -42,7 +42,9 @@ def test_linear_loss_benchmark_small_shape(tmp_path):
                            "--impls", "fused", "materialised", "--json", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    assert {"device", "torch", "date", "git_revision"} <= set(result["meta"])
+    rows = result["rows"]
     assert {(r["loss"], r["impl"]) for r in rows} == {(lo, im) for lo in ("bisam", "ce") for im in ("fused", "materialised")}
     for r in rows:  # (the peak memory of so small a shape is within the allocator's noise: not judged here)
         assert r["median_s"] > 0 and "speedup_vs_materialised" in r and "peak_vs_materialised" in r
