@@ -38,7 +38,7 @@ if ROOT not in sys.path:
 
 from bench import harness  # noqa: E402
 from bench.bench_bisam_loss import loss_cases  # noqa: E402
-from bench.bench_sam_perturb import sam_cases  # noqa: E402
+from bench.bench_sam_perturb import PEERS, sam_cases  # noqa: E402
 from bench.bench_train_step import train_step_cases  # noqa: E402
 
 FUSED = "fused"
@@ -56,7 +56,7 @@ def build_cases(device: str, quick: bool, compiled: bool) -> list[harness.Case]:
     cases = []
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
     for dtype in dtypes:
-        cases += sam_cases(device, dtype=dtype, workloads=["resnet56"] if quick else None, impls=impls)
+        cases += sam_cases(device, dtype=dtype, workloads=["resnet56"] if quick else None, impls=impls + PEERS)
         cases += loss_cases(device, dtype=dtype, shapes=[(128, 10), (128, 100)] if quick else None, impls=impls)
     batch = 8 if quick else (128 if device == "cuda" else 32)
     return cases + train_step_cases(device, batch=batch)
@@ -123,7 +123,7 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
 
 
 _COLORS = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green",
-           "passes": "tab:purple", "sgd": "tab:gray"}
+           "passes": "tab:purple", "sgd": "tab:gray", "peer_pytorch_optimizer": "tab:brown"}
 
 
 def _grouped_bars(ax, rows, keys, impls, value, label) -> None:
