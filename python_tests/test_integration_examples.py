@@ -1,9 +1,12 @@
-"""examples/lightning_digits.py and examples/hf_trainer_digits.py: their --quick runs end to end (as CI runs
-them) and print the test accuracy they return."""
+"""The framework integrations as a user meets them: examples/lightning_digits.py and hf_trainer_digits.py run
+end to end with --quick (as CI runs them) and print the test accuracy they return; the core package imports
+neither framework."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -24,3 +27,12 @@ def test_quick_keeps_an_explicit_epoch_count(example, load_example):
     assert module.parse_args(["--quick"]).epochs == 2
     assert module.parse_args(["--quick", "--epochs", "1"]).epochs == 1
     assert module.parse_args([]).epochs == 30
+
+
+def test_the_core_package_imports_no_framework():
+    """The integrations are optional extras: `import bisam_kernels` loads neither Lightning nor transformers."""
+    code = ("import sys, bisam_kernels, bisam_kernels.integrations; "
+            "print(sorted(m for m in ('lightning', 'transformers', 'accelerate') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

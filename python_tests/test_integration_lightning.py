@@ -18,6 +18,7 @@ from test_optim import assert_models_close
 
 L = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
+from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from bisam_kernels.integrations.lightning import BiSAMModule  # noqa: E402
 
@@ -162,6 +163,12 @@ class _AdamClassifier(Classifier):
 def test_misconfigured_module_errors_name_the_cause(module, error, match):
     with pytest.raises(error, match=match):
         _fit(module() if module is _AutomaticClassifier else module(_net()), _data(), max_epochs=1)
+
+
+def test_trainer_accumulation_is_refused_by_lightning_with_its_setting_named():
+    """Accumulation is BiSAMModule(micro_batches=k); Lightning refuses its own in manual optimization."""
+    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=2"):
+        _fit(Classifier(_net()), _data(), accumulate_grad_batches=2)
 
 
 def test_options_owned_by_the_trainer_are_refused():
