@@ -97,7 +97,8 @@ def git_revision() -> str:
 
 def format_table(rows: list[dict], copy_gbps: float) -> str:
     """One line per row, in the order given."""
-    header = (f"{'workload':<24}{'dtype':<10}{'impl':<10}{'median':>12}{'fused x':>9}{'GB/s':>9}"
+    impl_width = max([10] + [len(r["impl"]) + 2 for r in rows])  # peer_pytorch_optimizer is 22 characters
+    header = (f"{'workload':<24}{'dtype':<10}{'impl':<{impl_width}}{'median':>12}{'fused x':>9}{'GB/s':>9}"
               f"{'of copy':>9}{'launches':>10}{'mem MiB':>10}")
     lines = [f"copy bandwidth measured in this run: {copy_gbps:.1f} GB/s", header, "-" * len(header)]
     for r in rows:
@@ -108,7 +109,7 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
         speedup = f"{r['fused_speedup']:8.2f}x" if "fused_speedup" in r else f"{'':9}"
         peak = r.get("extra_memory_bytes")
         lines.append(
-            f"{r['workload']:<24}{r.get('dtype', ''):<10}{r['impl']:<10}{time_text:>12}{speedup}"
+            f"{r['workload']:<24}{r.get('dtype', ''):<10}{r['impl']:<{impl_width}}{time_text:>12}{speedup}"
             f"{bandwidth}{r.get('launches', ''):>10}{'' if peak is None else f'{peak / 2**20:10.1f}'}"
         )
     for r in rows:

@@ -181,8 +181,8 @@ def bisam_step(
         freeze_bn: freeze BatchNorm running statistics in pass 2 (:func:`frozen_bn_stats`).
         backward: how a pass's (micro-batch) loss is back-propagated; default ``scaler.scale(loss).backward()``
             (``loss.backward()`` without a scaler). For training frameworks that own the backward (Lightning's
-            ``manual_backward``, Accelerate's ``accelerator.backward``): it must apply the loss scaling of
-            ``scaler`` itself; ``scaler`` is then used for the optimizer step and ``scaler.update`` only.
+            ``manual_backward``): it must apply the loss scaling of ``scaler`` itself; ``scaler`` is then used
+            for the optimizer step and ``scaler.update`` only.
         no_sync: a context manager factory under which a backward does not all-reduce the gradients; default
             the DDP model's ``no_sync`` (nothing for other models). Given: the model is taken to be replicated
             (data parallel), as for DDP.
