@@ -124,7 +124,7 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
 
 
 _COLORS = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green",
-           "passes": "tab:purple", "sgd": "tab:gray", "peer_pytorch_optimizer": "tab:brown"}
+           "peer_pytorch_optimizer": "tab:brown", "passes": "tab:purple", "sgd": "tab:gray"}
 
 
 def _grouped_bars(ax, rows, keys, impls, value, label) -> None:

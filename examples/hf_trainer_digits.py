@@ -5,7 +5,7 @@ step is ``bk.bisam_step``; the Trainer brings the epochs, its optimizer (SGD wit
 wrapped in BiSAM), its linear LR schedule and ``bf16=True`` AMP. The same small CNN (with BatchNorm, frozen
 in pass 2) and data as examples/train_digits.py.
 
-    python examples/hf_trainer_digits.py            # 30 epochs (about a minute on 2 CPU cores)
+    python examples/hf_trainer_digits.py            # 30 epochs (13 s of CPU time on the 2-core development machine)
     python examples/hf_trainer_digits.py --quick    # a few seconds, for CI
 """
 

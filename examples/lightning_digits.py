@@ -4,7 +4,7 @@ The model is a ``BiSAMModule`` (bisam_kernels.integrations.lightning): its train
 ``bk.bisam_step``; the Trainer brings the epochs, the LR schedule (one-cycle, stepped per step), the
 precision plugin and the strategy. The same small CNN and data as examples/train_digits.py.
 
-    python examples/lightning_digits.py            # 30 epochs (about a minute on 2 CPU cores)
+    python examples/lightning_digits.py            # 30 epochs (13 s on the 2-core development machine)
     python examples/lightning_digits.py --quick    # a few seconds, for CI
 """
 
