@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bisam_kernels as bk
+from test_distributed import _per_replica_reference_step
 from test_optim import assert_models_close
 
 L = pytest.importorskip("lightning.pytorch")
@@ -83,7 +84,7 @@ def _ddp_batches(data: TensorDataset, epoch: int, replicas: int = 2):
         yield data[idx]
 
 
-def _plain_loop(net, data, epochs, interval, frequency, precision, batches=None, **step_options):
+def _plain_loop(net, data, epochs, interval, frequency, precision, **step_options):
     """What the Trainer should do: bk.bisam_step over the same batches, schedulers stepped by hand."""
     opt = _make_optimizer(net.parameters())
     sched = _make_scheduler(opt)
@@ -91,7 +92,7 @@ def _plain_loop(net, data, epochs, interval, frequency, precision, batches=None,
            "bf16-mixed": dict(autocast_dtype=torch.bfloat16)}.get(precision, {})
     step = 0
     for epoch in range(epochs):
-        for x, y in DataLoader(data, batch_size=BATCH) if batches is None else batches(data, epoch):
+        for x, y in DataLoader(data, batch_size=BATCH):
             bk.bisam_step(net, opt, x, y, **amp, **step_options)
             step += 1
             if interval == "step" and step % frequency == 0:
@@ -178,15 +179,25 @@ def test_options_owned_by_the_trainer_are_refused():
         Classifier(_net(), autocast_dtype=torch.bfloat16)
 
 
-def test_ddp_with_a_synchronised_first_pass_equals_one_process_on_the_whole_batch():
-    """Two gloo processes, each half of every batch (Lightning's DistributedSampler); with pass 1 all-reduced
-    the step is the single-process step on the whole batch (LayerNorm: no batch statistics)."""
+@pytest.mark.parametrize("sync_first_pass", [True, False])
+def test_ddp_follows_the_single_process_recomputation(sync_first_pass):
+    """Two gloo processes, each half of every batch (Lightning's DistributedSampler). A synchronised pass 1
+    is one process's step on the whole batch; per-replica pass 1 (the default: each replica perturbs with
+    its own half's gradient, under the strategy's no_sync) averages the halves' pass-2 gradients, each taken
+    at its own perturbation (test_distributed's recomputation). LayerNorm: no batch statistics."""
     data = _data()
-    module = Classifier(_net("ln"), sync_first_pass=True)
+    module = Classifier(_net("ln"), sync_first_pass=sync_first_pass)
     plain = copy.deepcopy(module.net)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer = _trainer(strategy="ddp_spawn", devices=2, max_epochs=1)
         trainer.fit(module, DataLoader(data, batch_size=BATCH // 2))
-    _plain_loop(plain, data, 1, "step", 1, "32-true", batches=_ddp_batches, sync_first_pass=True)
+    opt = _make_optimizer(plain.parameters())
+    sched = _make_scheduler(opt)
+    for x, y in _ddp_batches(data, epoch=0):
+        if sync_first_pass:
+            bk.bisam_step(plain, opt, x, y)
+        else:
+            _per_replica_reference_step(plain, opt, x, y)
+        sched.step()
     assert_models_close(module.net, plain, 1e-6)
