@@ -5,6 +5,9 @@ Implementations, side by side in one run:
   released  the canonical per-parameter SAM loop (first_step loop, restore by `p.data = old_p`)
   eager     vectorised eager PyTorch (torch._foreach_*)
   compiled  torch.compile of `eager` (slow to compile on the CPU: GPU and full runner runs only)
+  peer_pytorch_optimizer  the `SAM` of the pytorch-optimizer package (foreach on CUDA, a loop on the
+            CPU, its defaults): first_step + second_step over a base optimizer whose step does nothing,
+            so that it does the fused row's work (perturb + restore); measured where the package imports
 Bytes moved per call (docs/design.md section 4): norm reads g (P*b), apply reads g, w and writes
 backup, w (4*P*b), restore reads backup and writes w (2*P*b): 7*P*b.
 
@@ -13,6 +16,7 @@ backup, w (4*P*b), restore reads backup and writes w (2*P*b): 7*P*b.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import pytest
@@ -24,7 +28,9 @@ from bench.harness import Case, rotation_count, synchronize
 from bisam_kernels import references as ref
 
 RHO = 0.05
-IMPLS = ("fused", "released", "eager", "compiled")
+PEER = "peer_pytorch_optimizer"
+PEERS = (PEER,) if importlib.util.find_spec("pytorch_optimizer") else ()  # the peer packages installed here
+IMPLS = ("fused", "released", "eager", "compiled") + PEERS
 
 
 def param_sets(device: str) -> dict:
@@ -52,6 +58,35 @@ def _make_sets(shapes, dtype, device, copies):
     return sets
 
 
+class _NoStep(torch.optim.Optimizer):
+    """A base optimizer whose step does nothing: the peer SAM's two steps then do perturb + restore only."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
+def _peer_step():
+    """pytorch-optimizer's SAM on (params, grads, backups); its own backups replace ours. One optimizer per
+    parameter set, built on first use (the steps read the gradients from ``.grad``)."""
+    from pytorch_optimizer import SAM
+
+    optimizers = {}
+
+    def step(params, grads, backups):
+        opt = optimizers.get(id(params))
+        if opt is None:
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = optimizers[id(params)] = SAM(params, _NoStep, rho=RHO)
+        opt.first_step()
+        opt.second_step()
+
+    return step
+
+
 def _step(impl: str):
     """One SAM ascent + restore on (params, grads, backups) for the named implementation."""
     if impl == "fused":
@@ -68,6 +103,8 @@ def _step(impl: str):
         def step(params, grads, backups):
             first(params, grads, backups, RHO)
             ref.sam_restore_foreach(params, backups)
+    elif impl == PEER:
+        step = _peer_step()
     else:
         raise ValueError(f"unknown implementation {impl!r}")
     return step
@@ -107,7 +144,7 @@ def sam_cases(device: str, dtype=torch.float32, workloads=None, impls=IMPLS) -> 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The compiled baseline compiles for minutes on a CPU: benchmarked on the GPU, and by the runner.
-_BENCH_IMPLS = IMPLS if DEVICE == "cuda" else ("fused", "released", "eager")
+_BENCH_IMPLS = IMPLS if DEVICE == "cuda" else ("fused", "released", "eager") + PEERS
 
 
 @pytest.mark.parametrize(

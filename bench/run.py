@@ -38,7 +38,7 @@ if ROOT not in sys.path:
 
 from bench import harness  # noqa: E402
 from bench.bench_bisam_loss import loss_cases  # noqa: E402
-from bench.bench_sam_perturb import sam_cases  # noqa: E402
+from bench.bench_sam_perturb import PEERS, sam_cases  # noqa: E402
 from bench.bench_train_step import train_step_cases  # noqa: E402
 
 FUSED = "fused"
@@ -56,7 +56,7 @@ def build_cases(device: str, quick: bool, compiled: bool) -> list[harness.Case]:
     cases = []
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" and not quick else [])
     for dtype in dtypes:
-        cases += sam_cases(device, dtype=dtype, workloads=["resnet56"] if quick else None, impls=impls)
+        cases += sam_cases(device, dtype=dtype, workloads=["resnet56"] if quick else None, impls=impls + PEERS)
         cases += loss_cases(device, dtype=dtype, shapes=[(128, 10), (128, 100)] if quick else None, impls=impls)
     batch = 8 if quick else (128 if device == "cuda" else 32)
     return cases + train_step_cases(device, batch=batch)
@@ -97,7 +97,8 @@ def git_revision() -> str:
 
 def format_table(rows: list[dict], copy_gbps: float) -> str:
     """One line per row, in the order given."""
-    header = (f"{'workload':<24}{'dtype':<10}{'impl':<10}{'median':>12}{'fused x':>9}{'GB/s':>9}"
+    impl_width = max([10] + [len(r["impl"]) + 2 for r in rows])  # peer_pytorch_optimizer is 22 characters
+    header = (f"{'workload':<24}{'dtype':<10}{'impl':<{impl_width}}{'median':>12}{'fused x':>9}{'GB/s':>9}"
               f"{'of copy':>9}{'launches':>10}{'mem MiB':>10}")
     lines = [f"copy bandwidth measured in this run: {copy_gbps:.1f} GB/s", header, "-" * len(header)]
     for r in rows:
@@ -108,7 +109,7 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
         speedup = f"{r['fused_speedup']:8.2f}x" if "fused_speedup" in r else f"{'':9}"
         peak = r.get("extra_memory_bytes")
         lines.append(
-            f"{r['workload']:<24}{r.get('dtype', ''):<10}{r['impl']:<10}{time_text:>12}{speedup}"
+            f"{r['workload']:<24}{r.get('dtype', ''):<10}{r['impl']:<{impl_width}}{time_text:>12}{speedup}"
             f"{bandwidth}{r.get('launches', ''):>10}{'' if peak is None else f'{peak / 2**20:10.1f}'}"
         )
     for r in rows:
@@ -123,7 +124,7 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
 
 
 _COLORS = {"fused": "tab:blue", "released": "tab:red", "eager": "tab:orange", "compiled": "tab:green",
-           "passes": "tab:purple", "sgd": "tab:gray"}
+           "peer_pytorch_optimizer": "tab:brown", "passes": "tab:purple", "sgd": "tab:gray"}
 
 
 def _grouped_bars(ax, rows, keys, impls, value, label) -> None:

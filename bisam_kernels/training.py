@@ -16,7 +16,7 @@ shard with that global norm.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 import torch
@@ -102,32 +102,38 @@ def _split(batch, k: int) -> list:
     if isinstance(batch, (tuple, list)):
         parts = [_split(t, k) for t in batch]
         return [type(batch)(p[i] for p in parts) for i in range(k)]
-    raise TypeError(f"inputs must be a tensor or a tuple/list of tensors, got {type(batch).__name__}")
+    if isinstance(batch, Mapping):
+        parts = {name: _split(t, k) for name, t in batch.items()}
+        return [{name: p[i] for name, p in parts.items()} for i in range(k)]
+    raise TypeError(f"inputs must be a tensor, a tuple/list or a dict of tensors, got {type(batch).__name__}")
+
+
+def _call(model: nn.Module, inputs):
+    """``model(inputs)``; ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-def _grad_sync(model: nn.Module, sync: bool):
-    """DDP's ``no_sync`` when ``sync`` is False; a no-op for other models (FSDP2 always reduces)."""
-    if not sync and _is_ddp(model):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def _one_pass(model, chunks, targets_chunks, loss_fn, weights, scaler, autocast, sync: bool, keep_logits: bool):
+def _one_pass(model, chunks, targets_chunks, loss_fn, weights, backward, no_sync, autocast, sync: bool,
+              keep_logits: bool):
     total, logits_out = None, []
     last = len(chunks) - 1
     for i, (x, y) in enumerate(zip(chunks, targets_chunks)):
-        with _grad_sync(model, sync and i == last):
+        with contextlib.nullcontext() if sync and i == last else no_sync():
             with autocast():
-                logits = model(*x) if isinstance(x, (tuple, list)) else model(x)
+                logits = _call(model, x)
                 loss = loss_fn(logits, y)
                 w = weights[i]
                 if not (isinstance(w, float) and w == 1.0):
                     loss = loss * w
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            backward(loss)
         total = loss.detach() if total is None else total + loss.detach()
         if keep_logits:
             logits_out.append(logits.detach())
@@ -153,12 +159,14 @@ def bisam_step(
     sync_first_pass: bool = False,
     freeze_bn: bool = True,
     head: nn.Module | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> BiSAMStepOutput:
     """One BiSAM (or SAM) training step: two forward/backward passes and the optimizer update.
 
     Args:
         model: the network (plain, DDP-wrapped, or FSDP2-sharded); called as ``model(inputs)``
-            (``model(*inputs)`` for a tuple).
+            (``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict of tensors).
         optimizer: a :class:`bisam_kernels.BiSAM` over the model's parameters.
         inputs, targets: the batch; for the built-in losses the model returns logits ``(N, K)`` or
             ``(..., K)`` with the classes last (a language model's ``(B, T, V)``) and ``targets`` are class
@@ -193,6 +201,13 @@ def bisam_step(
             :func:`bisam_kernels.fused_linear_cross_entropy`: the ``(..., V)`` logits are never
             materialised (label smoothing in the ``"pytorch"`` style only; class-index targets only). A
             callable loss receives the hidden states.
+        backward: how a pass's (micro-batch) loss is back-propagated; default ``scaler.scale(loss).backward()``
+            (``loss.backward()`` without a scaler). For training frameworks that own the backward (Lightning's
+            ``manual_backward``): it must apply the loss scaling of ``scaler`` itself; ``scaler`` is then used
+            for the optimizer step and ``scaler.update`` only.
+        no_sync: a context manager factory under which a backward does not all-reduce the gradients; default
+            the DDP model's ``no_sync`` (nothing for other models). Given: the model is taken to be replicated
+            (data parallel), as for DDP.
 
     Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits, ascent_norm)``, detached, on the device
     (``logits`` is None in the language-model form).
@@ -251,6 +266,13 @@ def bisam_step(
     else:
         raise TypeError(f"ascent_loss must be a string or a callable, got {type(ascent_loss).__name__}")
 
+    distributed = no_sync is not None or _is_ddp(model)
+    if no_sync is None:
+        no_sync = model.no_sync if distributed else contextlib.nullcontext
+    if backward is None:
+        def backward(loss):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
     device_type = targets.device.type
     if autocast_dtype is not None:
         autocast = lambda: torch.autocast(device_type=device_type, dtype=autocast_dtype)  # noqa: E731
@@ -258,16 +280,17 @@ def bisam_step(
         autocast = contextlib.nullcontext
 
     optimizer.zero_grad()
-    ascent, logits = _one_pass(model, x_chunks, y_chunks, loss1, w1, scaler, autocast, sync_first_pass, head is None)
+    ascent, logits = _one_pass(model, x_chunks, y_chunks, loss1, w1, backward, no_sync, autocast, sync_first_pass,
+                               head is None)
     norm = optimizer.first_step(zero_grad=True)
-    if scaler is not None and scaler.is_enabled() and not sync_first_pass and _is_ddp(model):
+    if scaler is not None and scaler.is_enabled() and not sync_first_pass and distributed:
         # Each replica perturbed with its own pass-1 gradients, so an overflow there is local: a NaN factor
         # on the pass-2 loss carries it through DDP's gradient all-reduce, and every replica skips the step.
         overflow = torch.where(torch.isfinite(norm), 1.0, float("nan")).to(torch.float32)
         w2 = [w * overflow for w in w2]
     with frozen_bn_stats(model) if freeze_bn else contextlib.nullcontext():
         try:
-            loss, _ = _one_pass(model, x_chunks, y_chunks, loss2, w2, scaler, autocast, True, False)
+            loss, _ = _one_pass(model, x_chunks, y_chunks, loss2, w2, backward, no_sync, autocast, True, False)
         except BaseException:
             optimizer.restore()  # never leave the weights perturbed
             raise

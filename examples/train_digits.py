@@ -202,6 +202,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def framework_example_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the one-run framework examples (lightning_digits.py, hf_trainer_digits.py); each adds
+    its precision option and parses with :func:`parse_framework_example_args`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="training images per step")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the schedule")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--rho", type=float, default=0.05, help="BiSAM perturbation radius")
+    p.add_argument("--ascent-loss", default="log", choices=["log", "tanh", "cross_entropy"],
+                   help="pass-1 loss: BiSAM's lower bound (log, tanh) or cross_entropy (SAM)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    p.add_argument("--quick", action="store_true", help=f"CI smoke test: {QUICK_TRAIN_IMAGES} training images, "
+                                                        f"{QUICK_EPOCHS} epochs (an explicit --epochs wins)")
+    return p
+
+
+def framework_example_data(args: argparse.Namespace):
+    """(x_train, y_train, x_test, y_test) of the framework examples: the split of seed 0, fewer training images
+    with --quick."""
+    x_train, y_train, x_test, y_test = load_digits_tensors(0)
+    if args.quick:
+        x_train, y_train = x_train[:QUICK_TRAIN_IMAGES], y_train[:QUICK_TRAIN_IMAGES]
+    return x_train, y_train, x_test, y_test
+
+
+def parse_framework_example_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.quick:  # parsed again with the quick default, so that an explicit --epochs still wins
+        parser.set_defaults(epochs=QUICK_EPOCHS)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

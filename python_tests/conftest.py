@@ -1,6 +1,8 @@
 """Shared test set-up. Triton's interpreter must be chosen before triton is first imported."""
 
+import importlib.util
 import os
+import pathlib
 
 import torch
 
@@ -109,3 +111,24 @@ def poison_row_buffers(monkeypatch):
         return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
 
     monkeypatch.setattr(launch, "empty", empty)
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """Imports examples/<name>.py as a module (the examples are scripts, not a package)."""
+    examples = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, examples / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the examples set 1 thread

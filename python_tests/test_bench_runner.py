@@ -120,3 +120,41 @@ warnings.warn("a real warning")
     assert done.returncode == 0, done.stderr
     assert "USDT" not in done.stderr and "Memory block of unknown size" not in done.stderr
     assert "UserWarning: a real warning" in done.stderr
+
+
+def test_every_sam_workload_has_the_peer_sam_row():
+    """pytorch-optimizer's SAM (pinned in requirements-dev.txt) is measured for every SAM workload, so the
+    table shows the fused speedup over it; the loss workloads have no such peer."""
+    from bench.bench_sam_perturb import PEER, PEERS
+
+    assert PEERS == (PEER,)
+    for quick in (True, False):
+        cases = run.build_cases("cpu", quick=quick, compiled=False)
+        sam = {c.workload for c in cases if c.workload.startswith("sam_")}
+        assert sam and {c.workload for c in cases if c.impl == PEER} == sam
+
+
+def test_peer_sam_case_perturbs_then_restores_the_weights(monkeypatch):
+    """The peer row does the fused row's work: perturb, then restore (its base optimizer does not step)."""
+    import pytorch_optimizer
+    import torch
+
+    from bench.bench_sam_perturb import PEER, RHO, _step
+
+    params = [torch.randn(5, 3), torch.randn(7)]
+    grads = [torch.randn_like(p) for p in params]
+    before = [p.clone() for p in params]
+    perturbed = []
+    second_step = pytorch_optimizer.SAM.second_step
+
+    def record_then_second_step(self, *args, **kwargs):
+        perturbed.extend(p.clone() for p in params)
+        return second_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(pytorch_optimizer.SAM, "second_step", record_then_second_step)
+    _step(PEER)(params, grads, [torch.empty_like(p) for p in params])
+    assert len(perturbed) == len(params)
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    for w, b, g in zip(perturbed, before, grads):
+        torch.testing.assert_close(w, b + RHO * g / norm)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -3,7 +3,6 @@ implementation in a fresh process): they run, and print what they claim."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -14,15 +13,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_char_lm", ROOT / "examples" / "train_char_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_char_lm_quick_prints_every_method(capsys):
-    assert load_example().main(["--quick"]) == 0
+def test_char_lm_quick_prints_every_method(load_example, capsys):
+    assert load_example("train_char_lm").main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "standard library's source" in out
     for name in ("AdamW", "SAM", "BiSAM (log)"):
@@ -31,8 +23,8 @@ def test_char_lm_quick_prints_every_method(capsys):
         assert math.isfinite(bits) and 0 < bits < 8 and math.isfinite(loss) and per_step > 0
 
 
-def test_corpus_is_the_standard_library_source():
-    text = load_example().load_corpus(10_000)
+def test_corpus_is_the_standard_library_source(load_example):
+    text = load_example("train_char_lm").load_corpus(10_000)
     assert len(text) == 10_000 and "def " in text
 
 

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 import re
 
 import pytest
-import torch
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
 
 @pytest.fixture(scope="module")
-def train_digits():
-    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the example sets 1 thread
+def train_digits(load_example):
+    return load_example("train_digits")
 
 
 def help_by_option(train_digits, capsys) -> dict[str, str]:

@@ -329,9 +329,31 @@ def test_bisam_step_bad_input():
         bk.bisam_step(model, opt, x, y, micro_batches=5)
     with pytest.raises(ValueError, match="ascent_loss"):
         bk.bisam_step(model, opt, x, y, ascent_loss="hinge")
-    with pytest.raises(TypeError, match="inputs"):
-        bk.bisam_step(model, opt, {"x": x}, y)
+    with pytest.raises(TypeError, match="inputs must be a tensor, a tuple/list or a dict of tensors, got str"):
+        bk.bisam_step(model, opt, "x", y)
     assert not opt.perturbed
+
+
+class _ByName(nn.Module):
+    """A model called with keyword tensors, as a Hugging Face model is."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels, scale):
+        return self.net(pixels * scale)
+
+
+def test_dict_inputs_are_passed_by_name_and_split_into_micro_batches():
+    net = small_cnn(norm="gn")
+    keyed = _ByName(copy.deepcopy(net))
+    opt = bk.BiSAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    opt_keyed = bk.BiSAM(keyed.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    for x, y in make_batches(2, n=6):
+        bk.bisam_step(net, opt, x * 2.0, y)
+        bk.bisam_step(keyed, opt_keyed, {"pixels": x, "scale": torch.full((len(y), 1, 1, 1), 2.0)}, y, micro_batches=3)
+    assert_models_close(keyed.net, net, 2e-6)
 
 
 # ---------------------------------------------------------------------------------------------

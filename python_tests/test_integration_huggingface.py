@@ -1,0 +1,157 @@
+"""bisam_kernels.integrations.huggingface with the real transformers Trainer, on the CPU: a classifier with
+BatchNorm and a tiny GPT-2 follow the plain ``bk.bisam_step`` loop (same initialisation, batches in order, the
+Trainer's linear schedule), with micro-batches and bf16 autocast; a run resumed from a Trainer checkpoint
+continues exactly; unsupported settings raise errors that name them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bisam_kernels as bk
+from test_optim import assert_models_close
+
+transformers = pytest.importorskip("transformers")
+from bisam_kernels.integrations.huggingface import BiSAMTrainer  # noqa: E402
+
+BATCH, STEPS_PER_EPOCH, LR = 8, 3, 0.05
+
+
+class TinyClassifier(nn.Module):
+    """Features in, ``{"logits": ...}`` out, with BatchNorm (frozen in pass 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16, bias=False), nn.BatchNorm1d(16), nn.SiLU(), nn.Linear(16, 5))
+
+    def forward(self, features, labels=None):
+        return {"logits": self.net(features)}
+
+
+def _tiny_gpt2() -> nn.Module:
+    config = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _classification_data():
+    gen = torch.Generator().manual_seed(0)
+    n = BATCH * STEPS_PER_EPOCH
+    x, y = torch.randn(n, 6, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+    return [{"features": x[i], "labels": y[i]} for i in range(n)]
+
+
+def _lm_data():
+    gen = torch.Generator().manual_seed(0)
+    n = BATCH * STEPS_PER_EPOCH
+    ids = torch.randint(0, 40, (n, 10), generator=gen)
+    labels = ids.clone()
+    labels[::3, 7:] = -100  # padding-like positions, ignored by the losses
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def _args(tmp_path, **kwargs) -> transformers.TrainingArguments:
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, num_train_epochs=2,
+                   learning_rate=LR, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=0.0,
+                   train_sampling_strategy="sequential", save_strategy="no", logging_strategy="no",
+                   report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    return transformers.TrainingArguments(**{**options, **kwargs})
+
+
+def _trainer(model, data, tmp_path, step_options=None, **args) -> BiSAMTrainer:
+    return BiSAMTrainer(model=model, args=_args(tmp_path, **args), train_dataset=data, rho=0.1,
+                        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": LR, "momentum": 0.9}),
+                        **(step_options or {}))
+
+
+class _Logits(nn.Module):
+    """The plain loop's model: the batch's tensors in, the logits the losses take out."""
+
+    def __init__(self, model, causal: bool):
+        super().__init__()
+        self.model, self.causal = model, causal
+
+    def forward(self, **inputs):
+        logits = self.model(**inputs)["logits"]
+        return logits[:, :-1] if self.causal else logits
+
+
+def _plain_loop(model, data, epochs, causal, autocast_dtype=None, **step_options):
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=LR, momentum=0.9)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, epochs * STEPS_PER_EPOCH)
+    net = _Logits(model, causal)
+    for _ in range(epochs):
+        for i in range(0, len(data), BATCH):
+            batch = torch.utils.data.default_collate(data[i : i + BATCH])
+            labels = batch.pop("labels")
+            bk.bisam_step(net, opt, batch, labels[:, 1:] if causal else labels, label_smoothing=0.0,
+                          autocast_dtype=autocast_dtype, **step_options)
+            sched.step()
+
+
+@pytest.mark.parametrize(
+    "task, step_options",
+    [
+        ("classification", dict(ascent_loss="log")),
+        ("classification", dict(ascent_loss="tanh", micro_batches=2)),
+        ("causal_lm", dict(ascent_loss="log")),
+        ("causal_lm", dict(ascent_loss="cross_entropy", micro_batches=2)),  # plain SAM
+    ],
+)
+def test_trainer_follows_the_plain_bisam_step_loop(tmp_path, task, step_options):
+    causal = task == "causal_lm"
+    model, data = (_tiny_gpt2(), _lm_data()) if causal else (TinyClassifier(), _classification_data())
+    plain = copy.deepcopy(model)
+    trainer = _trainer(model, data, tmp_path, dict(task=task, **step_options))
+    trainer.train()
+    assert trainer.state.global_step == 2 * STEPS_PER_EPOCH
+    _plain_loop(plain, data, 2, causal, **step_options)
+    assert_models_close(model, plain, 1e-6)  # weights and BatchNorm statistics
+
+
+def test_bf16_autocast_comes_from_the_trainer_settings(tmp_path):
+    model, data = _tiny_gpt2(), _lm_data()
+    plain_bf16, plain_fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    _trainer(model, data, tmp_path, dict(task="causal_lm"), bf16=True, num_train_epochs=1).train()
+    _plain_loop(plain_bf16, data, 1, True, autocast_dtype=torch.bfloat16)
+    _plain_loop(plain_fp32, data, 1, True)
+    assert_models_close(model, plain_bf16, 1e-6)
+    gap = max((w - plain_fp32.state_dict()[n]).abs().max().item() for n, w in model.state_dict().items()
+              if w.is_floating_point())
+    assert gap > 1e-5  # the Trainer's bf16=True did run the passes in bf16
+
+
+def test_resume_from_a_trainer_checkpoint_continues_exactly(tmp_path):
+    data = _classification_data()
+    model = TinyClassifier()
+    straight = copy.deepcopy(model)
+    _trainer(straight, data, tmp_path / "straight").train()
+
+    _trainer(model, data, tmp_path / "run", save_strategy="steps", save_steps=4).train()
+    resumed = TinyClassifier()  # other weights: everything comes from the checkpoint
+    _trainer(resumed, data, tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert_models_close(resumed, straight, 0)
+
+
+@pytest.mark.parametrize(
+    "setting, match",
+    [
+        (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps=2: use BiSAMTrainer\\(micro_batches=k\\)"),
+        (dict(max_grad_norm=1.0), "max_grad_norm=1.0: set TrainingArguments\\(max_grad_norm=0\\)"),
+    ],
+)
+def test_unsupported_settings_are_named(tmp_path, setting, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(TinyClassifier(), _classification_data(), tmp_path, **setting)
+
+
+def test_missing_labels_and_an_unknown_task_are_named(tmp_path):
+    with pytest.raises(ValueError, match="task must be one of"):
+        _trainer(TinyClassifier(), _classification_data(), tmp_path, dict(task="regression"))
+    unlabelled = [{"features": row["features"]} for row in _classification_data()]
+    with pytest.raises(ValueError, match="needs the batch's 'labels'"):
+        _trainer(TinyClassifier(), unlabelled, tmp_path).train()
