@@ -257,7 +257,8 @@ class BiSAM(torch.optim.Optimizer):
         if not plan.params:
             raise RuntimeError(
                 "first_step() found no gradients: no parameter of this optimizer has a .grad. Run the pass-1 "
-                "backward first (e.g. bk.bisam_loss(model(x), y).backward()), or use bk.bisam_step"
+                "backward first (e.g. bk.bisam_loss(model(x), y).backward()), or use bk.bisam_step (under "
+                "Lightning: subclass bisam_kernels.integrations.lightning.BiSAMModule)"
             )
         if plan.fused.sharded:  # DTensor local shards are re-read every step; plain tensors are cached
             weights, grads = [_local(p) for p in plan.params], [_local(p.grad) for p in plan.params]

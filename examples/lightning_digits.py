@@ -66,7 +66,7 @@ def main(argv=None) -> float:
         trainer.fit(model, loader)
     accuracy, loss = digits.evaluate(model.net, x_test, y_test)
     print(f"lightning digits: {len(y_train)} train / {len(y_test)} test images, {args.epochs} epochs, "
-          f"BiSAM({args.ascent_loss}), precision {args.precision}: test accuracy {accuracy:.4f}, test loss {loss:.4f}")
+          f"BiSAM({args.ascent_loss}), precision {trainer.precision}: test accuracy {accuracy:.4f}, test loss {loss:.4f}")
     return accuracy
 
 

@@ -132,3 +132,14 @@ def restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # the examples set 1 thread
+
+
+def compile_counting_graphs(fn, graphs: list):
+    """torch.compile(fn, fullgraph=True, dynamic=True) with a backend that appends each graph it is given to
+    ``graphs`` (and runs it eagerly): ``len(graphs)`` is the number of compilations."""
+    def count(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=count, fullgraph=True, dynamic=True)

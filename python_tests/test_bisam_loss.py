@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import Route, requires_cuda
+from conftest import Route, compile_counting_graphs, requires_cuda
 
 import bisam_kernels as bk
 from bisam_kernels.ops import row_loss
@@ -713,14 +713,7 @@ def test_torch_compile_dynamic_fullgraph_has_no_graph_break(backend):
     """Issue 9.3: dynamic shapes (symbolic mu, N) trace in one graph; new N do not recompile."""
     device, ctx = backend
     graphs = []
-
-    def count(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    f = torch.compile(lambda z, t, mu: bk.bisam_loss(z, t, phi="log", mu=mu, ignore_index=IGNORE), backend=count,
-                      fullgraph=True, dynamic=True)
+    f = compile_counting_graphs(lambda z, t, mu: bk.bisam_loss(z, t, phi="log", mu=mu, ignore_index=IGNORE), graphs)
     for N in (5, 9, 13):
         z, t = make_inputs(N, 7, device)
         leaf = z.clone().requires_grad_()

@@ -9,7 +9,7 @@ without a GPU; on CUDA with one). Buffers the kernels write are NaN-poisoned fir
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import compile_counting_graphs, requires_cuda
 
 import bisam_kernels as bk
 from bisam_kernels.ops import fused_linear
@@ -333,14 +333,7 @@ def test_torch_compile_dynamic_one_graph(backend):
     """Dynamic N and mu trace in one graph: the chunking is chosen inside the operator, not guarded on."""
     device, ctx = backend
     graphs = []
-
-    def count(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    f = torch.compile(lambda h, w, t, mu: bk.fused_linear_bisam_loss(h, w, t, mu=mu), backend=count, fullgraph=True,
-                      dynamic=True)
+    f = compile_counting_graphs(lambda h, w, t, mu: bk.fused_linear_bisam_loss(h, w, t, mu=mu), graphs)
     for N in (5, 9, 13):
         hidden, weight, _, t = make_inputs(N, 4, 9, device, bias=False)
         leaf = hidden.clone().requires_grad_()

@@ -155,3 +155,11 @@ def test_missing_labels_and_an_unknown_task_are_named(tmp_path):
     unlabelled = [{"features": row["features"]} for row in _classification_data()]
     with pytest.raises(ValueError, match="needs the batch's 'labels'"):
         _trainer(TinyClassifier(), unlabelled, tmp_path).train()
+
+
+def test_a_causal_lm_as_classification_and_compute_loss_func_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="looks like a causal language model: pass task='causal_lm'"):
+        _trainer(_tiny_gpt2(), _lm_data(), tmp_path)
+    with pytest.raises(ValueError, match="does not use compute_loss_func"):
+        BiSAMTrainer(model=TinyClassifier(), args=_args(tmp_path), train_dataset=_classification_data(),
+                     compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())

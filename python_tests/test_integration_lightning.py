@@ -154,11 +154,26 @@ class _AdamClassifier(Classifier):
         return torch.optim.Adam(self.parameters())
 
 
+class _PlateauClassifier(Classifier):
+    def configure_optimizers(self):
+        opt = _make_optimizer(self.parameters())
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss"}}
+
+
+class _PlainStepClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)  # forgets self.bisam_step
+
+
 @pytest.mark.parametrize(
     "module, error, match",
     [
         (_AutomaticClassifier, RuntimeError, "automatic_optimization is True"),
         (_AdamClassifier, TypeError, "configure_optimizers must return a bisam_kernels.BiSAM .* got Adam"),
+        (_PlateauClassifier, ValueError, "does not step ReduceLROnPlateau"),
+        (_PlainStepClassifier, RuntimeError, "must call self.bisam_step"),
     ],
 )
 def test_misconfigured_module_errors_name_the_cause(module, error, match):
@@ -170,6 +185,11 @@ def test_trainer_accumulation_is_refused_by_lightning_with_its_setting_named():
     """Accumulation is BiSAMModule(micro_batches=k); Lightning refuses its own in manual optimization."""
     with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=2"):
         _fit(Classifier(_net()), _data(), accumulate_grad_batches=2)
+
+
+def test_unknown_step_options_are_refused_at_construction():
+    with pytest.raises(TypeError, match=r"unknown bisam_step option\(s\) \['ascnet_loss'\]"):
+        Classifier(_net(), ascnet_loss="tanh")
 
 
 def test_options_owned_by_the_trainer_are_refused():

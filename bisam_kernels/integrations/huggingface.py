@@ -94,7 +94,10 @@ class BiSAMTrainer(transformers.Trainer):
     AMP is the Trainer's ``bf16=True``. Refused, with the setting named: ``fp16=True`` (its GradScaler steps
     inside the Trainer's optimizer step, after SAM's two passes), ``gradient_accumulation_steps > 1`` (use
     ``micro_batches``), ``max_grad_norm > 0`` (the Trainer clips after the optimizer step, where BiSAM has
-    already stepped).
+    already stepped), ``compute_loss_func`` (use ``ascent_loss=`` / ``loss_fn=``), and a causal language model
+    (``*ForCausalLM``, ``*LMHeadModel``) with ``task="classification"``. The Trainer's logged ``loss`` is pass 2's
+    (at ``w + e``); its logged ``grad_norm`` is 0: the BiSAM step consumes and zeroes the gradients before the
+    Trainer looks (``BiSAMStepOutput.ascent_norm`` is the pass-1 norm).
     """
 
     def __init__(self, *args, rho: float = 0.05, adaptive: bool = False, task: str = "classification",
@@ -115,6 +118,13 @@ class BiSAMTrainer(transformers.Trainer):
         ):
             if refused:
                 raise ValueError(f"BiSAMTrainer does not support TrainingArguments {why}")
+        if self.compute_loss_func is not None:
+            raise ValueError("BiSAMTrainer does not use compute_loss_func: pass the losses as ascent_loss= (pass 1) and "
+                             "loss_fn= (pass 2), callables (logits, targets) -> loss")
+        model_class = type(self.model).__name__
+        if task == "classification" and (model_class.endswith("ForCausalLM") or model_class.endswith("LMHeadModel")):
+            raise ValueError(f"{model_class} looks like a causal language model: pass task='causal_lm' (its labels are "
+                             "the next tokens; task='classification' would train it to copy the current token)")
         self.rho, self.adaptive, self.task = rho, adaptive, task
         self.bisam_step_options = {"label_smoothing": settings.label_smoothing_factor, **step_options}
         self.bisam_optimizer: BiSAM | None = None

@@ -30,7 +30,10 @@ optimization, which SAM's two passes rule out).
 
 from __future__ import annotations
 
+import inspect
+
 import lightning.pytorch as pl
+import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from bisam_kernels.optim import BiSAM
@@ -51,6 +54,10 @@ def _check_step_options(options: dict) -> None:
     for name, reason in _OWNED_BY_LIGHTNING.items():
         if name in options:
             raise TypeError(f"BiSAMModule does not take the bisam_step option {name!r}: {reason}")
+    known = set(inspect.signature(bisam_step).parameters) - {"model", "optimizer", "inputs", "targets"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown bisam_step option(s) {unknown}; the options are {sorted(known - set(_OWNED_BY_LIGHTNING))}")
 
 
 class BiSAMModule(pl.LightningModule):
@@ -65,8 +72,9 @@ class BiSAMModule(pl.LightningModule):
     call :meth:`bisam_step` for other layouts). ``configure_optimizers`` returns one
     :class:`bisam_kernels.BiSAM` (or ``SAM``), with optional LR schedulers. Logs ``train_loss`` (pass 2, at
     ``w + e``) and ``train_ascent_loss`` (pass 1, at ``w``). Overrides of ``on_fit_start`` (it checks that
-    automatic optimization is off) and ``on_train_epoch_end`` (it steps the epoch-interval schedulers) call
-    ``super()``.
+    automatic optimization is off), ``on_train_epoch_end`` (it steps the epoch-interval schedulers) and
+    ``on_train_batch_start`` / ``on_train_batch_end`` (they check that the step took a BiSAM step) call
+    ``super()``. ReduceLROnPlateau is refused at fit start (step it yourself).
     """
 
     def __init__(self, **step_options):
@@ -76,6 +84,9 @@ class BiSAMModule(pl.LightningModule):
         self.bisam_step_options = step_options
 
     def training_step(self, batch, batch_idx: int):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"BiSAMModule.training_step expects (inputs, targets) batches, got {type(batch).__name__}: "
+                            "override training_step and call self.bisam_step(inputs, targets)")
         inputs, targets = batch
         out = self.bisam_step(inputs, targets)
         self.log("train_loss", out.loss, prog_bar=True)
@@ -115,11 +126,27 @@ class BiSAMModule(pl.LightningModule):
             no_sync=strategy.block_backward_sync if replicated else None,
         )
         lightning_optimizer._on_after_step()
+        self._stepped = True
         self._step_schedulers("step", self.trainer.global_step)
         return out
 
+    def on_train_batch_start(self, batch, batch_idx: int):
+        self._stepped = False
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if not self._stepped:  # (Lightning would otherwise loop without ever counting a step)
+            raise RuntimeError(f"{type(self).__name__}.training_step took no BiSAM step: a training_step of a "
+                               "BiSAMModule must call self.bisam_step(inputs, targets)")
+
     def on_fit_start(self) -> None:
         self._check_manual_optimization()  # in automatic optimization Lightning would step the optimizer first
+        for config in self.trainer.lr_scheduler_configs:
+            # (Lightning clears reduce_on_plateau under manual optimization: the scheduler's type tells)
+            if config.reduce_on_plateau or isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise ValueError(
+                    "BiSAMModule does not step ReduceLROnPlateau: step it yourself where its metric is known "
+                    "(e.g. in on_validation_epoch_end)"
+                )
 
     def _check_manual_optimization(self) -> None:
         if self.automatic_optimization:
@@ -134,10 +161,5 @@ class BiSAMModule(pl.LightningModule):
     def _step_schedulers(self, interval: str, count: int) -> None:
         """Lightning's rule for automatic optimization: every ``frequency`` steps or epochs."""
         for config in self.trainer.lr_scheduler_configs:
-            if config.reduce_on_plateau:
-                raise ValueError(
-                    "BiSAMModule does not step ReduceLROnPlateau: step it yourself where its metric is known "
-                    "(e.g. in on_validation_epoch_end)"
-                )
             if config.interval == interval and count % config.frequency == 0:
                 config.scheduler.step()
