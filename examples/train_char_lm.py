@@ -7,7 +7,7 @@ every loss goes through ``bk.fused_linear_cross_entropy`` (AdamW; pass 2 of SAM 
 method starts from the same initialisation and sees the same batches; SAM and BiSAM wrap AdamW.
 The table gives the validation loss in bits per character and the training seconds per step.
 
-    python examples/train_char_lm.py            # the full comparison (a few minutes on 2 CPU cores)
+    python examples/train_char_lm.py            # the full comparison (about a minute on 2 CPU cores)
     python examples/train_char_lm.py --quick    # seconds, for CI
     python examples/train_char_lm.py --help     # every option, with its default
 """
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps on a small corpus (for CI)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="methods to compare, from the same initialisation")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per method")
     parser.add_argument("--batch", type=int, default=16, help="windows per step")
     parser.add_argument("--context", type=int, default=64, help="characters per window")
     parser.add_argument("--width", type=int, default=64, help="model width")
