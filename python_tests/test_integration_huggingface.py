@@ -163,3 +163,24 @@ def test_a_causal_lm_as_classification_and_compute_loss_func_are_refused(tmp_pat
     with pytest.raises(ValueError, match="does not use compute_loss_func"):
         BiSAMTrainer(model=TinyClassifier(), args=_args(tmp_path), train_dataset=_classification_data(),
                      compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
+
+
+@pytest.mark.parametrize("ascent_loss", ["log", "cross_entropy"])
+def test_fused_head_follows_the_materialised_trainer(tmp_path, ascent_loss, monkeypatch):
+    """fused_head=True (the decoder's hidden states, the fused linear losses over the tied LM head) trains the
+    causal LM as the materialised logits do, and does run the fused losses."""
+    import bisam_kernels.training as training
+
+    calls = []
+    fused_ce = training.fused_linear_cross_entropy
+    monkeypatch.setattr(training, "fused_linear_cross_entropy", lambda *a, **k: calls.append(1) or fused_ce(*a, **k))
+    model, data = _tiny_gpt2(), _lm_data()
+    fused = copy.deepcopy(model)
+    options = dict(task="causal_lm", ascent_loss=ascent_loss, label_smoothing=0.1)
+    _trainer(model, data, tmp_path / "materialised", options).train()
+    assert not calls
+    _trainer(fused, data, tmp_path / "fused", dict(options, fused_head=True)).train()
+    assert len(calls) == 2 * STEPS_PER_EPOCH * (2 if ascent_loss == "cross_entropy" else 1)  # pass 2 (and SAM's pass 1)
+    assert_models_close(fused, model, 1e-5)
+    with pytest.raises(ValueError, match="fused_head=True needs task='causal_lm'"):
+        _trainer(TinyClassifier(), _classification_data(), tmp_path, dict(fused_head=True))

@@ -40,12 +40,13 @@ class _Logits(nn.Module):
     """The model as bisam_step calls it: the batch's tensors in, what the loss takes out (see
     :meth:`BiSAMTrainer.loss_inputs`). A module, so that BatchNorm layers are found for freezing."""
 
-    def __init__(self, model: nn.Module, select: Callable):
+    def __init__(self, model: nn.Module, select: Callable, call: Callable | None = None):
         super().__init__()
         self.model, self.select = model, select
+        self.call = call or (lambda m, inputs: m(**inputs))  # how the model is run (its base, for a fused head)
 
     def forward(self, **inputs):
-        return self.select(self.model(**inputs))
+        return self.select(self.call(self.model, inputs))
 
 
 class _SteppedOptimizer(torch.optim.Optimizer):
@@ -87,6 +88,10 @@ class BiSAMTrainer(transformers.Trainer):
         rho, adaptive: :class:`bisam_kernels.BiSAM`'s radius and ASAM switch.
         task: ``"classification"`` (logits ``(N, K)`` or ``(..., K)`` against ``labels``) or ``"causal_lm"``
             (the logits of tokens ``0..T-2`` against the labels of tokens ``1..T-1``).
+        fused_head: causal LMs: run the model's base (``model.base_model``: the decoder, its final norm
+            included) and both passes' losses through :func:`bisam_kernels.fused_linear_bisam_loss` /
+            :func:`bisam_kernels.fused_linear_cross_entropy` over its LM head (``get_output_embeddings()``;
+            tied embeddings included, no bias): the ``(B, T, V)`` logits are never materialised.
         **step_options: :func:`bisam_kernels.bisam_step` options (``ascent_loss``, ``mu``, ``alpha``,
             ``loss_fn``, ``label_smoothing`` (default: the Trainer's ``label_smoothing_factor``),
             ``micro_batches``, ``sync_first_pass``, ``freeze_bn``, ...).
@@ -101,7 +106,7 @@ class BiSAMTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args, rho: float = 0.05, adaptive: bool = False, task: str = "classification",
-                 **kwargs):
+                 fused_head: bool = False, **kwargs):
         step_options = {name: kwargs.pop(name) for name in _STEP_OPTIONS if name in kwargs}
         super().__init__(*args, **kwargs)
         if task not in TASKS:
@@ -125,7 +130,10 @@ class BiSAMTrainer(transformers.Trainer):
         if task == "classification" and (model_class.endswith("ForCausalLM") or model_class.endswith("LMHeadModel")):
             raise ValueError(f"{model_class} looks like a causal language model: pass task='causal_lm' (its labels are "
                              "the next tokens; task='classification' would train it to copy the current token)")
-        self.rho, self.adaptive, self.task = rho, adaptive, task
+        if fused_head and (task != "causal_lm" or getattr(self.model, "get_output_embeddings", lambda: None)() is None):
+            raise ValueError("fused_head=True needs task='causal_lm' and a model with an output projection "
+                             "(get_output_embeddings(), its LM head)")
+        self.rho, self.adaptive, self.task, self.fused_head = rho, adaptive, task, fused_head
         self.bisam_step_options = {"label_smoothing": settings.label_smoothing_factor, **step_options}
         self.bisam_optimizer: BiSAM | None = None
 
@@ -166,12 +174,18 @@ class BiSAMTrainer(transformers.Trainer):
                                "(its create_optimizer wraps the Trainer's optimizer in BiSAM)")
         targets = self.loss_targets(inputs.pop("labels"))
         replicated = self.accelerator.num_processes > 1
+        if self.fused_head:  # the decoder's last hidden states of tokens 0..T-2; the head is the fused loss's
+            stepped = _Logits(model, lambda out: out.last_hidden_state[:, :-1], call=lambda m, i: m.base_model(**i))
+            head = {"head": model.get_output_embeddings()}
+        else:
+            stepped, head = _Logits(model, self.loss_inputs), {}
         return bisam_step(
-            _Logits(model, self.loss_inputs),
+            stepped,
             self.bisam_optimizer,
             inputs,
             targets,
             **self.bisam_step_options,
+            **head,
             no_sync=(lambda: self.accelerator.no_sync(model)) if replicated else None,
         )
 
