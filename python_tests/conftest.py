@@ -143,3 +143,13 @@ def compile_counting_graphs(fn, graphs: list):
 
     torch._dynamo.reset()
     return torch.compile(fn, backend=count, fullgraph=True, dynamic=True)
+
+
+def assert_close(out, ref, rtol, what, floor=1e-7):
+    """|out - ref| <= rtol * |ref| + atol elementwise, atol = floor * max(1, max |ref|) (the tensor's scale)."""
+    out, ref = out.detach().double().cpu(), ref.double()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    scale = max(1.0, ref.abs().max().item()) if torch.isfinite(ref).all() else 1.0
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=floor * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")

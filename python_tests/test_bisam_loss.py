@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import Route, compile_counting_graphs, requires_cuda
+from conftest import Route, assert_close, compile_counting_graphs, requires_cuda
 
 import bisam_kernels as bk
 from bisam_kernels.ops import row_loss
@@ -55,16 +55,6 @@ def run(z, t, weights=None, **kw):
     w = torch.ones_like(loss) if weights is None else weights.to(loss)
     (loss * w).sum().backward()
     return loss.detach(), leaf.grad
-
-
-def assert_close(out, ref, rtol, what, floor=1e-7):
-    """|out - ref| <= rtol * |ref| + atol elementwise, atol = floor * max(1, max |ref|) (the tensor's scale)."""
-    out, ref = out.detach().double().cpu(), ref.double()
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    if ref.numel() == 0:
-        return
-    scale = max(1.0, ref.abs().max().item()) if torch.isfinite(ref).all() else 1.0
-    torch.testing.assert_close(out, ref, rtol=rtol, atol=floor * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def check(z, t, ctx, weights=None, rtol=1e-5, floor=1e-7, **kw):

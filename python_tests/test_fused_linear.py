@@ -9,7 +9,7 @@ without a GPU; on CUDA with one). Buffers the kernels write are NaN-poisoned fir
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compile_counting_graphs, requires_cuda
+from conftest import assert_close, compile_counting_graphs, requires_cuda
 
 import bisam_kernels as bk
 from bisam_kernels.ops import fused_linear
@@ -64,15 +64,6 @@ def run(loss, hidden, weight, bias, targets, reduction, go, ctx, **kw):
         out = fused(loss, leaves[0], leaves[1], targets, leaves[2], reduction=reduction, **kw)
         (out * go.to(out)).sum().backward()
     return out.detach(), [None if x is None else x.grad for x in leaves]
-
-
-def assert_close(out, ref, rtol, what, floor=1e-7):
-    out, ref = out.detach().double().cpu(), ref.double()
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    if ref.numel() == 0:
-        return
-    scale = max(1.0, ref.abs().max().item()) if torch.isfinite(ref).all() else 1.0
-    torch.testing.assert_close(out, ref, rtol=rtol, atol=floor * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def check(loss, inputs, reduction, ctx, rtol=2e-5, go=None, **kw):
