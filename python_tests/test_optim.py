@@ -27,6 +27,11 @@ BASES = {
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
     "adamw": (torch.optim.AdamW, dict(lr=3e-3, weight_decay=1e-2)),
 }
+# Relative trajectory tolerance per base. AdamW's first step is about lr * g / (|g| + eps) elementwise: a
+# gradient entry within a few float32 roundings of zero (the fused loss and the released one sum in other
+# orders) moves its weight by a different fraction of lr: 3.5e-5 relative with BISAM_TEST_SEED=1182441787,
+# in CI (12 other seeds tried stayed below 1e-5). A missing perturbation is still outside both (tested below).
+TRAJECTORY_TOLERANCE = {"sgd_momentum": 1e-5, "adamw": 1e-4}
 
 
 def small_cnn(num_classes: int = 10, norm: str = "bn") -> nn.Module:
@@ -108,12 +113,13 @@ def test_trajectory_matches_canonical_sam_with_released_loss(phi, base_name, ada
             opt.second_step(zero_grad=True)
         else:
             bk.bisam_step(ours, opt, x, y, ascent_loss=phi)
-        assert_models_close(ours, ref, 1e-5, f"step {step}: ")
+        assert_models_close(ours, ref, TRAJECTORY_TOLERANCE[base_name], f"step {step}: ")
 
 
-def test_trajectory_test_detects_a_missing_perturbation():
-    """The 1e-5 trajectory comparison is sharp enough to see SAM's perturbation (rho > 0 vs rho = 0)."""
-    base_cls, kw = BASES["sgd_momentum"]
+@pytest.mark.parametrize("base_name", list(BASES))
+def test_trajectory_test_detects_a_missing_perturbation(base_name):
+    """The trajectory comparison is sharp enough to see SAM's perturbation (rho > 0 vs rho = 0)."""
+    base_cls, kw = BASES[base_name]
     ref = small_cnn()
     ours = copy.deepcopy(ref)
     ref_base = base_cls(ref.parameters(), **kw)
@@ -122,7 +128,7 @@ def test_trajectory_test_detects_a_missing_perturbation():
         R.canonical_sam_step(ref, ref_base, x, y, 0.1, False, released_loss("log"))
         bk.bisam_step(ours, opt, x, y)
     with pytest.raises(AssertionError, match="relative error"):
-        assert_models_close(ours, ref, 1e-5)
+        assert_models_close(ours, ref, TRAJECTORY_TOLERANCE[base_name])
 
 
 # ---------------------------------------------------------------------------------------------
