@@ -263,6 +263,13 @@ def test_bad_input(kwargs, error, match):
         bk.fused_linear_cross_entropy(**args)
 
 
+def test_out_of_range_target_raises_on_the_cpu_compiled_too():
+    h, w, t = torch.randn(6, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 5, 3, 4])
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), pytest.raises(ValueError, match=r"targets must lie in \[0, 5\)"):
+        torch.compile(bk.fused_linear_cross_entropy, fullgraph=True)(h, w, t)
+
+
 def test_bisam_options_are_checked():
     h, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.int64)
     with pytest.raises(ValueError, match="phi"):

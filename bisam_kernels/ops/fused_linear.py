@@ -24,7 +24,7 @@ import torch
 from bisam_kernels._dtypes import accumulate_dtype
 from bisam_kernels.ops.row_loss import launch
 from bisam_kernels.ops.row_loss.api import _check_options
-from bisam_kernels.ops.row_loss.composite import check_targets, composite_rows
+from bisam_kernels.ops.row_loss.composite import composite_rows
 from bisam_kernels.ops.row_loss.dispatch import device_of, scale_grad_impl, tracing, use_triton
 from bisam_kernels.ops.row_loss.modes import PHIS, REDUCTIONS, TARGET_DTYPES, Phi, Reduction, ScaleMode, StatsMode
 
@@ -75,8 +75,8 @@ def _chunk_grad(z, t, params, row_scale, loss_rows, stats, stats_mode, want_grad
     else:
         factor = row_scale.to(accumulate_dtype(z.dtype))
         factor = 1.0 / factor.clamp(min=1.0) if row_scale.dim() == 0 else factor
-    # On the CPU the targets were checked on the host (or are checked here, under torch.compile), which lets
-    # the composite path skip the masking passes when a chunk has no ignored row.
+    # On the CPU each chunk's targets are checked on the host (free there; a bad one raises, compiled too),
+    # which also lets the composite path skip the masking passes when a chunk has no ignored row.
     rows, g, _, _ = composite_rows(z, t, phi, mu, alpha, ignore_index, 1.0, factor, want_grad,
                                    check=z.device.type == "cpu", smoothing=smoothing)
     if loss_rows is not None:
@@ -260,7 +260,6 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.args = (phi, mu, alpha, smoothing, ignore_index, grad_hidden, grad_weight, grad_bias, chunk_rows)
-    ctx.has_bias = bias is not None
     ctx.backward_done = False
     if reduction == Reduction.NONE:
         ctx.save_for_backward(hidden, weight, bias, targets, stats)
@@ -276,7 +275,7 @@ def _scale(grad: torch.Tensor, factor: torch.Tensor | None, dtype: torch.dtype) 
     if factor is None:
         return grad.to(dtype)
     if grad.dtype == dtype and not tracing(grad):
-        scale_grad_impl(grad.view(-1, grad.shape[-1]) if grad.dim() else grad.view(1, 1), factor)
+        scale_grad_impl(grad.view(-1, grad.shape[-1]), factor)  # (2-D: (N, H), (V, H); the bias as (1, V))
         return grad
     return (grad.to(accumulate_dtype(grad.dtype)) * factor.to(accumulate_dtype(grad.dtype))).to(dtype)
 
@@ -308,7 +307,7 @@ def _backward(ctx, grad_loss, *unused):
         out[0] = _scale(gh, factor, h_dtype)
     if grad_weight:
         out[1] = _scale(gw, factor, w_dtype)
-    if grad_bias and ctx.has_bias:
+    if grad_bias and b_dtype is not None:
         out[2] = _scale(gb, factor, b_dtype)
     return tuple(out)
 
@@ -375,8 +374,6 @@ def _fused_linear_loss(hidden, weight, targets, bias, phi, mu, alpha, smoothing,
     H, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, H)
     t = targets.reshape(-1)
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_targets(t, V, ignore_index)  # on the host, free on the CPU (CUDA, compiled: NaN rows)
     chunk = 0 if chunk_rows is None else int(chunk_rows)  # 0: chosen inside the op (no guard on N when compiled)
     enabled = torch.is_grad_enabled()
     wants = (enabled and hidden.requires_grad, enabled and weight.requires_grad,
@@ -406,7 +403,7 @@ def fused_linear_bisam_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
     Differentiable in hidden, weight and bias once: a second backward through the same graph
     (``retain_graph=True``) raises, and there is no double backward. ``scale_by_mu`` is not offered
     (divide the loss by ``mu``). A target outside ``[0, V)`` that is not ``ignore_index`` raises on the
-    CPU; on CUDA and under ``torch.compile`` its row's loss and gradients are NaN (no host sync).
+    CPU (also under ``torch.compile``); on CUDA its row's loss and gradients are NaN (no host sync).
     The loss is float32 (float64 for float64 inputs),
     with float32 math whatever the input dtype; the gradients have the inputs' dtypes. Under ``torch.autocast`` the inputs are cast to the
     autocast dtype first, as ``nn.Linear`` does. For mean / sum the gradients are computed in the forward
