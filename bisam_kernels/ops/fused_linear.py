@@ -84,19 +84,52 @@ def _chunk_grad(z, t, params, row_scale, loss_rows, stats, stats_mode, want_grad
     return None if g is None else g.to(z.dtype)
 
 
+def _weight_grad_dtype(weight_dtype: torch.dtype, accumulate_float32: bool) -> torch.dtype:
+    """The dtype the weight's gradient is summed in over the chunks: float32 for float16 (whose unscaled
+    sums can pass 65504) and where asked (bfloat16: one rounding per chunk otherwise), else the weight's."""
+    if weight_dtype == torch.float16 or (accumulate_float32 and weight_dtype == torch.bfloat16):
+        return torch.float32
+    return weight_dtype
+
+
+def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (float32) += a @ b for half-precision a, b: on CUDA with cuBLAS's half-precision inputs and
+    float32 output where this torch has that overload, else through float32 copies of a and b."""
+    if acc.is_cuda and _mixed_addmm_ok(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+_MIXED_ADDMM: dict = {}
+
+
+def _mixed_addmm_ok(device: torch.device) -> bool:
+    """Whether torch.addmm takes a float32 accumulator with half-precision factors here (the out_dtype
+    overload of torch >= 2.8; its CUDA checks differ by version), tried once per device on 2 x 2 tensors."""
+    if device not in _MIXED_ADDMM:
+        try:
+            acc = torch.zeros((2, 2), dtype=torch.float32, device=device)
+            a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM[device] = True
+        except (RuntimeError, TypeError):
+            _MIXED_ADDMM[device] = False
+    return _MIXED_ADDMM[device]
+
+
 def _run_chunks(hidden, weight, bias, t, params, chunk, *, row_scale=None, loss_rows=None, stats=None,
-                stats_mode=StatsMode.NONE, grads=(False, False, False)):
+                stats_mode=StatsMode.NONE, grads=(False, False, False), accumulate_float32=False):
     """One pass over the row chunks (of ``chunk`` rows; 0: default_chunk_rows): each chunk's logits, its row loss and, for the gradients asked for
     (hidden, weight, bias), the matmuls that carry the chunk's logit gradient back. Returns the gradients
-    (None where not asked): hidden's in its dtype, weight's in its dtype (float32 for float16, whose
-    unscaled sums can pass 65504), bias's in float32.
+    (None where not asked): hidden's in its dtype, weight's in _weight_grad_dtype, bias's in float32.
 
     row_scale: None, the 0-dim count of the mean, or the (N,) per-row factors of reduction="none"."""
     N, V = hidden.shape[0], weight.shape[0]
     chunk = chunk or default_chunk_rows(N, V, hidden.dtype, hidden.device)
     want_grad = any(grads)
     gh = launch.empty(hidden.shape, hidden.dtype, hidden.device) if grads[0] else None
-    gw = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype == torch.float16 else weight.dtype,
+    gw = torch.zeros(weight.shape, dtype=_weight_grad_dtype(weight.dtype, accumulate_float32),
                      device=weight.device) if grads[1] else None
     gb = torch.zeros((V,), dtype=accumulate_dtype(weight.dtype), device=weight.device) if grads[2] else None
     buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
@@ -119,8 +152,8 @@ def _run_chunks(hidden, weight, bias, t, params, chunk, *, row_scale=None, loss_
         if gw is not None:
             if gw.dtype == dz.dtype:
                 gw.addmm_(dz.t(), h)
-            else:  # float16: the unscaled sums accumulate in float32
-                gw.addmm_(dz.t().float(), h.float())
+            else:
+                _addmm_float32_(gw, dz.t(), h)
         if gb is not None:
             gb.add_(dz.sum(dim=0, dtype=gb.dtype))
     return gh, gw, gb
@@ -136,7 +169,7 @@ def _empty_like_none(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(hidden, weight, bias, targets, phi, mu, alpha, smoothing, ignore_index, reduction, grad_hidden,
-             grad_weight, grad_bias, chunk_rows):
+             grad_weight, grad_bias, chunk_rows, accumulate_float32):
     """(loss (float32; float64 for float64), grad_hidden, grad_weight, grad_bias, row statistics); unrequested outputs are empty.
 
     mean / sum: the gradients of the reduced loss (of the sum for float16's mean: see _fuses_count);
@@ -156,15 +189,16 @@ def _forward(hidden, weight, bias, targets, phi, mu, alpha, smoothing, ignore_in
             hidden, weight, bias, t, params, chunk_rows, loss_rows=loss_rows, stats=stats,
             stats_mode=StatsMode.NONE if stats is None else StatsMode.WRITE,
             row_scale=count if _fuses_count(reduction, hidden.dtype) else None,
-            grads=(False, False, False) if none else grads)
+            grads=(False, False, False) if none else grads, accumulate_float32=accumulate_float32)
     if none:
         loss = loss_rows
     elif count is None:
         loss = loss_rows.sum()
     else:
         loss = loss_rows.sum() / count  # NaN when every row is ignored, as F.cross_entropy's
-    outs = [gh, gw, gb, stats]
-    return (loss,) + tuple(_empty_like_none(hidden) if x is None else x for x in outs)
+    if stats is None:
+        stats = hidden.new_empty((0,), dtype=torch.float32)
+    return (loss,) + tuple(_empty_like_none(hidden) if x is None else x for x in (gh, gw, gb)) + (stats,)
 
 
 @torch.library.custom_op("bisam::fused_linear_loss", mutates_args=())
@@ -183,18 +217,19 @@ def _op_forward(
     grad_weight: bool,
     grad_bias: bool,
     chunk_rows: int,
+    accumulate_float32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias, row statistics): hidden (N, H), weight (V, H), bias (V,)
     or None, targets (N,). The gradients asked for, of the reduced loss, for mean / sum; see _forward."""
     return _forward(hidden, weight, bias, targets, phi, mu, alpha, smoothing, ignore_index, reduction,
-                    grad_hidden, grad_weight, grad_bias, chunk_rows)
+                    grad_hidden, grad_weight, grad_bias, chunk_rows, accumulate_float32)
 
 
-def _grad_meta(hidden, weight, bias, reduction, grad_hidden, grad_weight, grad_bias):
+def _grad_meta(hidden, weight, bias, reduction, grad_hidden, grad_weight, grad_bias, accumulate_float32):
     """(shape, dtype) of the forward's gradient outputs and statistics."""
     none = reduction == Reduction.NONE
     empty = ((0,), hidden.dtype)
-    gw_dtype = torch.float32 if weight.dtype == torch.float16 else weight.dtype
+    gw_dtype = _weight_grad_dtype(weight.dtype, accumulate_float32)
     return [
         (hidden.shape, hidden.dtype) if grad_hidden and not none else empty,
         (weight.shape, gw_dtype) if grad_weight and not none else empty,
@@ -205,11 +240,11 @@ def _grad_meta(hidden, weight, bias, reduction, grad_hidden, grad_weight, grad_b
 
 @_op_forward.register_fake
 def _op_forward_fake(hidden, weight, bias, targets, phi, mu, alpha, smoothing, ignore_index, reduction, grad_hidden,
-                     grad_weight, grad_bias, chunk_rows):
+                     grad_weight, grad_bias, chunk_rows, accumulate_float32):
     none = reduction == Reduction.NONE
     loss = hidden.new_empty((hidden.shape[0],) if none else (), dtype=accumulate_dtype(hidden.dtype))
     grads = [hidden.new_empty(shape, dtype=dtype) for shape, dtype in
-             _grad_meta(hidden, weight, bias, reduction, grad_hidden, grad_weight, grad_bias)]
+             _grad_meta(hidden, weight, bias, reduction, grad_hidden, grad_weight, grad_bias, accumulate_float32)]
     want = grad_hidden or grad_weight or (grad_bias and bias is not None)
     stats_shape = (2 * hidden.shape[0],) if none and want and use_triton(hidden) else (0,)
     return (loss, *grads, hidden.new_empty(stats_shape, dtype=torch.float32))
@@ -232,6 +267,7 @@ def _op_row_grad(
     grad_weight: bool,
     grad_bias: bool,
     chunk_rows: int,
+    accumulate_float32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_rows[i] * l_i (the backward of reduction="none"): the chunks run again, the
     row kernel reading the forward's row statistics (stats, or empty) instead of a first pass."""
@@ -240,26 +276,29 @@ def _op_row_grad(
     with device_of(hidden), _no_autocast(hidden):
         out = _run_chunks(hidden, weight, bias, targets.contiguous(), (phi, mu, alpha, smoothing, ignore_index),
                           chunk_rows, row_scale=grad_rows.to(accumulate_dtype(hidden.dtype)).contiguous(),
-                          stats=stats if stats.numel() else None, stats_mode=stats_mode, grads=grads)
+                          stats=stats if stats.numel() else None, stats_mode=stats_mode, grads=grads,
+                          accumulate_float32=accumulate_float32)
     return tuple(_empty_like_none(hidden) if x is None else x for x in out)
 
 
 @_op_row_grad.register_fake
 def _op_row_grad_fake(hidden, weight, bias, targets, grad_rows, stats, phi, mu, alpha, smoothing, ignore_index,
-                      grad_hidden, grad_weight, grad_bias, chunk_rows):
+                      grad_hidden, grad_weight, grad_bias, chunk_rows, accumulate_float32):
     return tuple(hidden.new_empty(shape, dtype=dtype) for shape, dtype in
-                 _grad_meta(hidden, weight, bias, Reduction.MEAN, grad_hidden, grad_weight, grad_bias))
+                 _grad_meta(hidden, weight, bias, Reduction.MEAN, grad_hidden, grad_weight, grad_bias,
+                            accumulate_float32))
 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, phi, mu, alpha, smoothing, ignore_index, reduction, grad_hidden, grad_weight,
-     grad_bias, chunk_rows) = inputs
+     grad_bias, chunk_rows, accumulate_float32) = inputs
     loss, gh, gw, gb, stats = output
     ctx.mark_non_differentiable(gh, gw, gb, stats)
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.args = (phi, mu, alpha, smoothing, ignore_index, grad_hidden, grad_weight, grad_bias, chunk_rows)
+    ctx.args = (phi, mu, alpha, smoothing, ignore_index, grad_hidden, grad_weight, grad_bias, chunk_rows,
+                accumulate_float32)
     ctx.backward_done = False
     if reduction == Reduction.NONE:
         ctx.save_for_backward(hidden, weight, bias, targets, stats)
@@ -280,21 +319,24 @@ def _scale(grad: torch.Tensor, factor: torch.Tensor | None, dtype: torch.dtype) 
     return (grad.to(accumulate_dtype(grad.dtype)) * factor.to(accumulate_dtype(grad.dtype))).to(dtype)
 
 
+_N_INPUTS = 15  # of bisam::fused_linear_loss
+
+
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
-        return (None,) * 14
+        return (None,) * _N_INPUTS
     if ctx.backward_done:
         raise RuntimeError("fused linear loss: the gradients are computed in the forward and handed over by the "
                            "first backward; a second backward through the same graph (retain_graph=True) is "
                            "not supported: recompute the loss")
     ctx.backward_done = True
-    phi, mu, alpha, smoothing, ignore_index, grad_hidden, grad_weight, grad_bias, chunk_rows = ctx.args
+    phi, mu, alpha, smoothing, ignore_index, grad_hidden, grad_weight, grad_bias, chunk_rows, accumulate_float32 = ctx.args
     h_dtype, w_dtype, b_dtype = ctx.dtypes
     if ctx.reduction == Reduction.NONE:
         hidden, weight, bias, targets, stats = ctx.saved_tensors
         gh, gw, gb = torch.ops.bisam.fused_linear_loss_row_grad(
             hidden, weight, bias, targets, grad_loss, stats, phi, mu, alpha, smoothing, ignore_index,
-            grad_hidden, grad_weight, grad_bias, chunk_rows)
+            grad_hidden, grad_weight, grad_bias, chunk_rows, accumulate_float32)
         factor = None
     else:
         gh, gw, gb = ctx.grads
@@ -302,7 +344,7 @@ def _backward(ctx, grad_loss, *unused):
         if ctx.targets is not None:  # float16's mean: the 1 / count not yet applied
             factor = grad_loss.to(torch.float32) / (ctx.targets != ignore_index).sum(dtype=torch.float32).clamp(min=1)
         ctx.grads = None  # (the references go with the returned gradients)
-    out = [None] * 14
+    out = [None] * _N_INPUTS
     if grad_hidden:
         out[0] = _scale(gh, factor, h_dtype)
     if grad_weight:
@@ -367,8 +409,17 @@ def _autocast(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
+def _check_accum_dtype(accum_dtype) -> bool:
+    """Whether the weight's gradient is to be summed in float32 (accum_dtype None or torch.float32)."""
+    if accum_dtype is not None and accum_dtype != torch.float32:
+        raise ValueError(f"accum_dtype must be None (the weight's dtype; float32 for float16) or torch.float32, "
+                         f"got {accum_dtype!r}")
+    return accum_dtype is not None
+
+
 def _fused_linear_loss(hidden, weight, targets, bias, phi, mu, alpha, smoothing, reduction, ignore_index,
-                       chunk_rows):
+                       chunk_rows, accum_dtype):
+    accumulate_float32 = _check_accum_dtype(accum_dtype)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     _check(hidden, weight, bias, targets, chunk_rows)
     H, V = hidden.shape[-1], weight.shape[0]
@@ -380,14 +431,14 @@ def _fused_linear_loss(hidden, weight, targets, bias, phi, mu, alpha, smoothing,
              enabled and bias is not None and bias.requires_grad)
     red = REDUCTIONS[reduction]
     loss = torch.ops.bisam.fused_linear_loss(h, weight, bias, t, int(phi), mu, alpha, float(smoothing), ignore_index,
-                                             int(red), *wants, chunk)[0]
+                                             int(red), *wants, chunk, accumulate_float32)[0]
     return loss.reshape(targets.shape) if red == Reduction.NONE else loss
 
 
 def fused_linear_bisam_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                             bias: torch.Tensor | None = None, phi: str = "log", mu: float = 1.0, alpha: float = 0.1,
                             reduction: str = "mean", ignore_index: int = -100,
-                            chunk_rows: int | None = None) -> torch.Tensor:
+                            chunk_rows: int | None = None, accum_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``bk.bisam_loss(F.linear(hidden, weight, bias), targets, ...)`` without the ``(N, V)`` logits.
 
     Args:
@@ -397,6 +448,12 @@ def fused_linear_bisam_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
         phi, mu, alpha, reduction, ignore_index: as :func:`bisam_kernels.bisam_loss`.
         chunk_rows: rows per chunk; default: a chunk's working set (its logits, and on the CPU the
             temporaries of their size) within 256 MiB.
+        accum_dtype: None or ``torch.float32``: the dtype the weight's gradient is summed in over the
+            chunks. None: the weight's (float32 for float16). In bfloat16 each chunk's sum is rounded
+            once, so the weight gradient's error grows with the number of chunks (measured at 16 chunks:
+            2.5x the error of the materialised bfloat16 path); ``torch.float32`` keeps it at one rounding
+            for ``4 * V * H`` bytes more (a float32 copy of the weight's gradient until the backward), as
+            Liger-Kernel's ``accum_dtype`` and Cut Cross-Entropy's ``accum_c_fp32`` do.
 
     When any input requires a gradient the forward computes the gradients too (the logits are gone by
     the backward): evaluate under ``torch.no_grad()``, or it costs the gradient matmuls as well.
@@ -407,13 +464,11 @@ def fused_linear_bisam_loss(hidden: torch.Tensor, weight: torch.Tensor, targets:
     The loss is float32 (float64 for float64 inputs),
     with float32 math whatever the input dtype; the gradients have the inputs' dtypes. Under ``torch.autocast`` the inputs are cast to the
     autocast dtype first, as ``nn.Linear`` does. For mean / sum the gradients are computed in the forward
-    (they take the memory of the gradients from then on, not of the logits). In bfloat16 and float16 the
-    weight's gradient is accumulated over the chunks with one rounding per chunk in bfloat16 (float32 for
-    float16).
+    (they take the memory of the gradients from then on, not of the logits).
     """
     mu, alpha, ignore_index = _check_options(phi, mu, alpha, reduction, ignore_index)
     return _fused_linear_loss(hidden, weight, targets, bias, PHIS[phi], mu, alpha, 0.0, reduction, ignore_index,
-                              chunk_rows)
+                              chunk_rows, accum_dtype)
 
 
 def _check_smoothing(label_smoothing) -> float:
@@ -426,28 +481,29 @@ def _check_smoothing(label_smoothing) -> float:
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
                                reduction: str = "mean", ignore_index: int = -100,
-                               chunk_rows: int | None = None) -> torch.Tensor:
+                               chunk_rows: int | None = None, accum_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), targets, label_smoothing=...)`` (classes last)
     without the ``(N, V)`` logits: the row kernel of :func:`fused_linear_bisam_loss` with the identity phi.
     Label smoothing as PyTorch's (``s / V`` on every class). Arguments as :func:`fused_linear_bisam_loss`."""
     smoothing = _check_smoothing(label_smoothing)
     _, _, ignore_index = _check_options("log", 1.0, 1.0, reduction, ignore_index)
     return _fused_linear_loss(hidden, weight, targets, bias, Phi.IDENTITY, 1.0, 1.0, smoothing, reduction,
-                              ignore_index, chunk_rows)
+                              ignore_index, chunk_rows, accum_dtype)
 
 
 class FusedLinearBiSAMLoss(torch.nn.Module):
     """Module form of :func:`fused_linear_bisam_loss`: ``forward(hidden, weight, targets, bias=None)``."""
 
     def __init__(self, phi: str = "log", mu: float = 1.0, alpha: float = 0.1, reduction: str = "mean",
-                 ignore_index: int = -100, chunk_rows: int | None = None):
+                 ignore_index: int = -100, chunk_rows: int | None = None, accum_dtype: torch.dtype | None = None):
         super().__init__()
         self.mu, self.alpha, self.ignore_index = _check_options(phi, mu, alpha, reduction, ignore_index)
-        self.phi, self.reduction, self.chunk_rows = phi, reduction, chunk_rows
+        _check_accum_dtype(accum_dtype)
+        self.phi, self.reduction, self.chunk_rows, self.accum_dtype = phi, reduction, chunk_rows, accum_dtype
 
     def forward(self, hidden, weight, targets, bias=None):
         return fused_linear_bisam_loss(hidden, weight, targets, bias, self.phi, self.mu, self.alpha, self.reduction,
-                                       self.ignore_index, self.chunk_rows)
+                                       self.ignore_index, self.chunk_rows, self.accum_dtype)
 
     def extra_repr(self) -> str:
         return f"phi={self.phi!r}, mu={self.mu}, alpha={self.alpha}, reduction={self.reduction!r}"
@@ -457,15 +513,16 @@ class FusedLinearCrossEntropy(torch.nn.Module):
     """Module form of :func:`fused_linear_cross_entropy`: ``forward(hidden, weight, targets, bias=None)``."""
 
     def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
-                 chunk_rows: int | None = None):
+                 chunk_rows: int | None = None, accum_dtype: torch.dtype | None = None):
         super().__init__()
         self.label_smoothing = _check_smoothing(label_smoothing)
         _, _, self.ignore_index = _check_options("log", 1.0, 1.0, reduction, ignore_index)
-        self.reduction, self.chunk_rows = reduction, chunk_rows
+        _check_accum_dtype(accum_dtype)
+        self.reduction, self.chunk_rows, self.accum_dtype = reduction, chunk_rows, accum_dtype
 
     def forward(self, hidden, weight, targets, bias=None):
         return fused_linear_cross_entropy(hidden, weight, targets, bias, self.label_smoothing, self.reduction,
-                                          self.ignore_index, self.chunk_rows)
+                                          self.ignore_index, self.chunk_rows, self.accum_dtype)
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
