@@ -5,6 +5,7 @@ gradients for hidden and weight, for the BiSAM lower bound (pass 1; phi="log") a
 (pass 2). Implementations:
 
   fused              bk.fused_linear_bisam_loss / bk.fused_linear_cross_entropy (chunked, no logits)
+  fused_accum32      the same with accum_dtype=torch.float32 (the weight's gradient summed in float32)
   materialised       F.linear, then bk.bisam_loss / F.cross_entropy (the logits and their gradient)
   compiled           torch.compile of the materialised path
   liger              Liger-Kernel's fused linear cross-entropy (cross-entropy only; where importable)
@@ -13,7 +14,9 @@ Peak memory is counted above the inputs and their gradients: on CUDA from the al
 the CPU from the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before the
 measured calls). At a shape whose rows fit one chunk the fused path saves no memory. Every
 implementation runs in its own process, so that neither allocator caches nor
-another implementation's high-water mark leak into a number.
+another implementation's high-water mark leak into a number. The inputs are the same in every process
+(one seed), and each row records its loss and gradient norms: the table's "agree" column is their
+largest relative difference from the materialised path's.
 
     python -m bench.bench_linear_loss                          # CPU: 8192x128x32000 float32, both losses
     python -m bench.bench_linear_loss --shape 256x64x4000 --reps 2 --impls fused materialised
@@ -31,8 +34,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("fused", "materialised", "compiled", "liger")
+IMPLS = ("fused", "fused_accum32", "materialised", "compiled", "liger")
 LOSSES = ("bisam", "ce")
+VALUES = ("loss_value", "grad_norm_hidden", "grad_norm_weight")  # what each row records of its results
 CPU_SHAPE = "8192x128x32000"
 GPU_SHAPES = ("8192x4096x32000", "16384x4096x128256")
 
@@ -83,10 +87,11 @@ def _step_fn(impl: str, loss: str):
 
     import bisam_kernels as bk
 
-    if impl == "fused":
+    if impl in ("fused", "fused_accum32"):
+        accum = torch.float32 if impl == "fused_accum32" else None
         if loss == "bisam":
-            return lambda h, w, t: bk.fused_linear_bisam_loss(h, w, t, phi="log")
-        return lambda h, w, t: bk.fused_linear_cross_entropy(h, w, t)
+            return lambda h, w, t: bk.fused_linear_bisam_loss(h, w, t, phi="log", accum_dtype=accum)
+        return lambda h, w, t: bk.fused_linear_cross_entropy(h, w, t, accum_dtype=accum)
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -120,11 +125,15 @@ def measure(impl: str, loss: str, shape: str, device: str, dtype: str, reps: int
 
     def call():
         hidden.grad = weight.grad = None
-        fn(hidden, weight, targets).backward()
+        value = fn(hidden, weight, targets)
+        value.backward()
         if device == "cuda":
             torch.cuda.synchronize()
+        return value
 
-    call()  # warm-up: compilation, allocator, BLAS
+    value = call()  # warm-up: compilation, allocator, BLAS; its results are what the rows compare
+    values = {"loss_value": value.item(), "grad_norm_hidden": hidden.grad.float().norm().item(),
+              "grad_norm_weight": weight.grad.float().norm().item()}
     hidden.grad = weight.grad = None
     memory = PeakMemory(device)
     memory.reset()
@@ -136,7 +145,7 @@ def measure(impl: str, loss: str, shape: str, device: str, dtype: str, reps: int
     peak = memory.peak()
     return {"impl": impl, "loss": loss, "workload": f"linear_loss_{shape}", "device": device, "dtype": dtype,
             "reps": reps, "median_s": statistics.median(times), "times_s": times,
-            "peak_above_inputs_and_grads_bytes": peak - grad_bytes}
+            "peak_above_inputs_and_grads_bytes": peak - grad_bytes, **values}
 
 
 def _in_fresh_process(impl, loss, shape, device, dtype, reps) -> dict | None:
@@ -166,8 +175,9 @@ def compare(shape: str, device: str, dtype: str, reps: int, impls, losses) -> li
     print(f"linear_loss_{shape} {dtype} on {device}: forward + backward (hidden and weight), median of {reps}; "
           "peak memory above the inputs and their gradients; each in a fresh process")
     print("speed-up: the materialised path's time / this one's (above 1: faster); memory: this peak / the "
-          "materialised path's (below 1: less)")
-    print(f"{'loss':6} {'impl':13} {'time':>10} {'speed-up':>9} {'peak MiB':>10} {'memory':>8}")
+          "materialised path's (below 1: less); agree: largest relative difference from the materialised "
+          "path's loss and gradient norms")
+    print(f"{'loss':6} {'impl':14} {'time':>10} {'speed-up':>9} {'peak MiB':>10} {'memory':>8} {'agree':>8}")
     for loss in losses:
         results = {}
         for impl in impls:
@@ -184,9 +194,12 @@ def compare(shape: str, device: str, dtype: str, reps: int, impls, losses) -> li
             if base:
                 row["speedup_vs_materialised"] = base["median_s"] / t
                 row["peak_vs_materialised"] = m / max(base["peak_above_inputs_and_grads_bytes"], 1)
+                row["max_rel_diff_vs_materialised"] = max(
+                    abs(row[k] - base[k]) / max(abs(base[k]), 1e-30) for k in VALUES)
             rt = f"{row['speedup_vs_materialised']:.2f}x" if base else "-"
             rm = f"{row['peak_vs_materialised']:.3f}x" if base else "-"
-            print(f"{loss:6} {impl:13} {t * 1e3:8.1f}ms {rt:>9} {m / 2**20:10.1f} {rm:>8}")
+            ra = f"{row['max_rel_diff_vs_materialised']:.1e}" if base else "-"
+            print(f"{loss:6} {impl:14} {t * 1e3:8.1f}ms {rt:>9} {m / 2**20:10.1f} {rm:>8} {ra:>8}")
     return rows
 
 

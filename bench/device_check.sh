@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine with no network (its own python3 with torch and triton):
 #   bash bench/device_check.sh "$OUT"
+# with the peers' wheels carried in .whl/ (fetch them here first: bash bench/device_wheels.sh).
 # builds the extension with nvcc, runs the GPU tests, runs the benchmarks, writes logs and results
 # into OUT_DIR and prints a short table last. It never changes GPU clocks or settings (read-only
 # nvidia-smi queries only). Every stage runs against one deadline, BISAM_CHECK_SECONDS (default 540)
@@ -33,6 +34,14 @@ stage "device"
   git rev-parse HEAD 2>/dev/null || true
 } 2>&1 | tee "$out/device.txt"
 
+if compgen -G ".whl/*.whl" >/dev/null; then
+  stage "peers from .whl (bench/device_wheels.sh)"
+  site="$(mktemp -d)"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+    && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  ls .whl | tee -a "$out/device.txt"
+fi
+
 stage "build (nvcc, $(nproc) jobs)"
 export MAX_JOBS="$(nproc)" BISAM_REQUIRE_CUDA=1
 build_seconds="$(clamp $(($(left) - 120)) 30 240)"
@@ -59,7 +68,7 @@ stage "linear loss"
 # The fused linear + loss against the materialised path (and Liger-Kernel where importable) at the
 # language-model shape, each implementation in a fresh process; the table is its last lines.
 timeout -s INT -k 10 "$(clamp $(($(left) - 240)) 30 120)" "$py" -m bench.bench_linear_loss --device cuda \
-  --shape 16384x4096x128256 --impls fused materialised liger --reps 3 --json "$out/linear_loss.json" \
+  --shape 16384x4096x128256 --impls fused fused_accum32 materialised liger --reps 3 --json "$out/linear_loss.json" \
   >"$out/linear_loss.log" 2>&1
 tail -n 6 "$out/linear_loss.log"
 
