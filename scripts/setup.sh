@@ -28,10 +28,12 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 mkdir -p "$repo/build"
 log="$repo/build/extension-build.log"
-# Rebuild only when the sources or the build settings changed since the last successful build
-# (csrc/emulated is not part of the extension: python_tests/test_cuda_emulated.py builds it).
+# Rebuild only when the sources, the build settings or torch's version (the extension links to its C++
+# ABI) changed since the last successful build (csrc/emulated is not part of the extension:
+# python_tests/test_cuda_emulated.py builds it).
 build_stamp="$repo/build/.extension.sha"
-build_key="$(cd "$repo" && cat setup.py $(find csrc -type f -not -path "csrc/emulated/*" | sort) | sha256sum | cut -d' ' -f1)-${BISAM_REQUIRE_CUDA:-}-${TORCH_CUDA_ARCH_LIST:-}-${BISAM_FORCE_CPU:-}"
+torch_version="$(python -c 'import torch; print(torch.__version__)')"
+build_key="$(cd "$repo" && cat setup.py $(find csrc -type f -not -path "csrc/emulated/*" | sort) | sha256sum | cut -d' ' -f1)-${BISAM_REQUIRE_CUDA:-}-${TORCH_CUDA_ARCH_LIST:-}-${BISAM_FORCE_CPU:-}-$torch_version"
 if [ "$(cat "$build_stamp" 2>/dev/null)" = "$build_key" ] && python -c "import bisam_kernels" 2>/dev/null; then
   built_now=""
 else
