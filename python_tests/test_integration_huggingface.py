@@ -184,3 +184,44 @@ def test_fused_head_follows_the_materialised_trainer(tmp_path, ascent_loss, monk
     assert_models_close(fused, model, 1e-5)
     with pytest.raises(ValueError, match="fused_head=True needs task='causal_lm'"):
         _trainer(TinyClassifier(), _classification_data(), tmp_path, dict(fused_head=True))
+
+
+_DECODER = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["cohere", "granite"])
+def test_fused_head_applies_a_constant_logit_scale(tmp_path, family):
+    """Cohere multiplies its logits by config.logit_scale, Granite divides them by config.logits_scaling: the fused
+    head scales the hidden states by the same factor and follows the materialised trainer."""
+    if family == "cohere":
+        model = transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=0.0625, **_DECODER))
+    else:
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=8.0, **_DECODER))
+    fused, data = copy.deepcopy(model), _lm_data()
+    options = dict(task="causal_lm", label_smoothing=0.0)
+    _trainer(model, data, tmp_path / "materialised", options).train()
+    trainer = _trainer(fused, data, tmp_path / "fused", dict(options, fused_head=True))
+    assert trainer.head_scale == (0.0625 if family == "cohere" else 1 / 8.0)
+    trainer.train()
+    assert_models_close(fused, model, 1e-5)
+
+
+def test_fused_head_refuses_logits_it_cannot_reproduce(tmp_path):
+    """A final soft-capping (Gemma 2) and any other post-processing of the logits (found by comparing them with
+    the head's output on four tokens) are refused: the fused head would train on other logits."""
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(final_logit_softcapping=30.0, head_dim=8, **_DECODER))
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        _trainer(gemma, _lm_data(), tmp_path, dict(task="causal_lm", fused_head=True))
+
+    class ShiftedLogits(transformers.GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits + 1.0
+            return out
+
+    model = ShiftedLogits(_tiny_gpt2().config)
+    model.train()
+    with pytest.raises(ValueError, match="not its LM head's output"):
+        _trainer(model, _lm_data(), tmp_path, dict(task="causal_lm", fused_head=True))
+    assert model.training  # the check's eval mode is undone

@@ -91,7 +91,11 @@ class BiSAMTrainer(transformers.Trainer):
         fused_head: causal LMs: run the model's base (``model.base_model``: the decoder, its final norm
             included) and both passes' losses through :func:`bisam_kernels.fused_linear_bisam_loss` /
             :func:`bisam_kernels.fused_linear_cross_entropy` over its LM head (``get_output_embeddings()``;
-            tied embeddings included, no bias): the ``(B, T, V)`` logits are never materialised.
+            tied embeddings included, no bias): the ``(B, T, V)`` logits are never materialised. A
+            constant logit scale (Cohere's ``logit_scale``, Granite's ``logits_scaling``) is applied to the
+            hidden states; a model whose logits are otherwise not its head's output on the last hidden
+            states (Gemma 2 and 3's final soft-capping, ...) is refused: at construction the trainer
+            compares the two on four tokens.
         **step_options: :func:`bisam_kernels.bisam_step` options (``ascent_loss``, ``mu``, ``alpha``,
             ``loss_fn``, ``label_smoothing`` (default: the Trainer's ``label_smoothing_factor``),
             ``micro_batches``, ``sync_first_pass``, ``freeze_bn``, ...).
@@ -134,6 +138,7 @@ class BiSAMTrainer(transformers.Trainer):
             raise ValueError("fused_head=True needs task='causal_lm' and a model with an output projection "
                              "(get_output_embeddings(), its LM head)")
         self.rho, self.adaptive, self.task, self.fused_head = rho, adaptive, task, fused_head
+        self.head_scale = _fused_head_scale(self.model) if fused_head else None
         self.bisam_step_options = {"label_smoothing": settings.label_smoothing_factor, **step_options}
         self.bisam_optimizer: BiSAM | None = None
 
@@ -175,7 +180,9 @@ class BiSAMTrainer(transformers.Trainer):
         targets = self.loss_targets(inputs.pop("labels"))
         replicated = self.accelerator.num_processes > 1
         if self.fused_head:  # the decoder's last hidden states of tokens 0..T-2; the head is the fused loss's
-            stepped = _Logits(model, lambda out: out.last_hidden_state[:, :-1], call=lambda m, i: m.base_model(**i))
+            scale = self.head_scale
+            stepped = _Logits(model, lambda out: _scaled(out.last_hidden_state[:, :-1], scale),
+                              call=lambda m, i: m.base_model(**i))
             head = {"head": model.get_output_embeddings()}
         else:
             stepped, head = _Logits(model, self.loss_inputs), {}
@@ -188,6 +195,39 @@ class BiSAMTrainer(transformers.Trainer):
             **head,
             no_sync=(lambda: self.accelerator.no_sync(model)) if replicated else None,
         )
+
+
+def _scaled(hidden: torch.Tensor, scale: float) -> torch.Tensor:
+    return hidden if scale == 1.0 else hidden * scale
+
+
+def _fused_head_scale(model: nn.Module) -> float:
+    """The factor s with ``model(ids).logits == lm_head(s * base_model(ids).last_hidden_state)``: the config's
+    ``logit_scale`` (Cohere) or ``1 / logits_scaling`` (Granite), else 1. Checked on four tokens, in eval
+    mode; a model for which no such s holds is refused (a fused head would train on other logits)."""
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        raise ValueError(f"fused_head=True: {type(model).__name__} soft-caps its logits "
+                         f"(config.final_logit_softcapping={cap}), which the fused linear losses do not: "
+                         "use fused_head=False")
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    head = model.get_output_embeddings()
+    ids = torch.arange(min(4, head.weight.shape[0]), device=head.weight.device).unsqueeze(0)
+    training = model.training
+    model.eval()  # (no dropout)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+            fused = head(_scaled(model.base_model(input_ids=ids).last_hidden_state, scale)).float()
+    finally:
+        model.train(training)
+    tolerance = 1e-2 * (1e-3 + logits.abs().max().item())  # (bf16 models included)
+    if logits.shape != fused.shape or (logits - fused).abs().max().item() > tolerance:
+        raise ValueError(f"fused_head=True: {type(model).__name__}'s logits are not its LM head's output on the last "
+                         "hidden states (times a constant scale): the model post-processes them, and a fused head "
+                         "would train on other logits. Use fused_head=False")
+    return scale
 
 
 # bisam_step's options that BiSAMTrainer takes as keywords (the rest are the Trainer's or its own).
