@@ -230,8 +230,7 @@ def bisam_step(
                             f"{type(head).__name__}")
         if label_smoothing_style != "pytorch":
             raise ValueError("the language-model form (head=) supports label_smoothing_style='pytorch' only")
-        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if id(head.weight) not in optimized:
+        if not any(head.weight is p for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("head.weight is not among the optimizer's parameters: pass the model's own output "
                              "projection (e.g. head=model.lm_head), whose parameters the optimizer updates")
     batch = targets.shape[0]
@@ -280,9 +279,19 @@ def bisam_step(
         autocast = contextlib.nullcontext
 
     optimizer.zero_grad()
+    # The model's trainable parameters outside this optimizer (another optimizer's, say) keep the gradient
+    # they had plus pass 2's, as after one forward/backward of the training loss: pass 1's (of the
+    # surrogate at w) goes to a fresh tensor that is dropped.
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    outside = [p for p in model.parameters() if p.requires_grad and id(p) not in optimized]
+    outside_grads = [p.grad for p in outside]
+    for p in outside:
+        p.grad = None
     ascent, logits = _one_pass(model, x_chunks, y_chunks, loss1, w1, backward, no_sync, autocast, sync_first_pass,
                                head is None)
     norm = optimizer.first_step(zero_grad=True)
+    for p, grad in zip(outside, outside_grads):
+        p.grad = grad
     if scaler is not None and scaler.is_enabled() and not sync_first_pass and distributed:
         # Each replica perturbed with its own pass-1 gradients, so an overflow there is local: a NaN factor
         # on the pass-2 loss carries it through DDP's gradient all-reduce, and every replica skips the step.

@@ -301,6 +301,31 @@ def test_bisam_step_sam_mode_uses_the_training_loss_twice():
         assert out.ascent_loss.shape == () and out.logits.shape == (x.shape[0], 10)
 
 
+def test_parameters_outside_the_optimizer_get_pass_two_gradients_only():
+    """A parameter the BiSAM optimizer does not hold (another optimizer's) ends the step with the gradient it
+    had plus pass 2's, as after one forward/backward of the training loss: not pass 1's surrogate gradient
+    as well."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(16, 6), torch.randint(0, 5, (16,))
+    outside = model[0].weight
+    earlier = torch.randn_like(outside)
+    outside.grad = earlier.clone()
+    opt = bk.BiSAM([p for p in model.parameters() if p is not outside], torch.optim.SGD, rho=0.1, lr=0.1)
+    bk.bisam_step(model, opt, x, y, label_smoothing=0.0)
+
+    ref_opt = bk.BiSAM([p for p in reference.parameters() if p is not reference[0].weight], torch.optim.SGD,
+                       rho=0.1, lr=0.1)
+    bk.bisam_loss(reference(x), y).backward()
+    reference[0].weight.grad = None
+    ref_opt.first_step(zero_grad=True)
+    F.cross_entropy(reference(x), y).backward()
+    expected = earlier + reference[0].weight.grad
+    ref_opt.second_step(zero_grad=True)
+    torch.testing.assert_close(outside.grad, expected, rtol=1e-6, atol=1e-7)
+    assert_models_close(model, reference, 1e-6)
+
+
 def test_bisam_step_restores_the_weights_when_pass_two_fails():
     model = small_cnn()
     opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
