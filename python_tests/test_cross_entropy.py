@@ -48,6 +48,15 @@ def test_classes_last_and_ignored_rows(style):
     torch.testing.assert_close(mean, flat.sum() / (targets != -100).sum())
 
 
+@pytest.mark.parametrize("style", ["pytorch", "released"])
+def test_int32_targets_as_bisam_loss_takes_them(style):
+    """bisam_step's two passes share the targets: pass 2 takes the int32 class indices pass 1 takes."""
+    logits = torch.randn(6, 9, dtype=torch.float64)
+    targets = torch.randint(0, 9, (6,))
+    targets[1] = -100
+    torch.testing.assert_close(cross_entropy(logits, targets.int(), 0.1, style), cross_entropy(logits, targets, 0.1, style))
+
+
 def test_low_precision_logits_give_a_float32_released_loss():
     logits = torch.randn(6, 9, dtype=torch.float16)
     targets = torch.randint(0, 9, (6,))

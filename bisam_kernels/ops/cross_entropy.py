@@ -80,6 +80,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
         return smooth_cross_entropy(logits, targets, label_smoothing, reduction, ignore_index)
     _check_common(logits, targets, label_smoothing, reduction)
     z, t = _rows(logits, targets)
+    if t.dtype == torch.int32:  # (bisam_loss takes int32 class indices; F.cross_entropy wants int64)
+        t = t.long()
     loss = F.cross_entropy(z, t, label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
 
