@@ -127,7 +127,7 @@ class BiSAM(torch.optim.Optimizer):
         self._plan: _Plan | None = None
         self._perturbed: tuple[list[torch.Tensor], _Plan] | None = None  # (weights, plan) of the first step
         self._ascent_norm: torch.Tensor | None = None  # the first step's norm, until second_step
-        self._scaler_stepping = False
+        self._stepping_base = False  # second_step is stepping the base through self.step (its hooks run)
         defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -305,16 +305,15 @@ class BiSAM(torch.optim.Optimizer):
         step is skipped and the scale backs off. The weights are restored in every case.
         """
         self.restore()
-        if scaler is None:
-            self.base_optimizer.step()
-        else:
-            if scaler.is_enabled():
-                self._count_ascent_overflow(scaler)
-            self._scaler_stepping = True
-            try:
-                scaler.step(self)  # unscale_ bookkeeping is keyed to this optimizer; calls self.step()
-            finally:
-                self._scaler_stepping = False
+        if scaler is not None and scaler.is_enabled():
+            self._count_ascent_overflow(scaler)
+        # Through self.step, so that step hooks registered on this optimizer run as for any optimizer
+        # (GradScaler.step calls it too: its unscale_ bookkeeping is keyed to this optimizer).
+        self._stepping_base = True
+        try:
+            self.step() if scaler is None else scaler.step(self)
+        finally:
+            self._stepping_base = False
         self._opt_called = True  # tells LR schedulers attached to this optimizer that it stepped
         if zero_grad:
             self.zero_grad()
@@ -325,7 +324,7 @@ class BiSAM(torch.optim.Optimizer):
         """Canonical SAM step: the gradients at ``w`` must already be computed; ``closure`` re-evaluates
         the training loss with a full forward-backward pass at ``w + e(w)``."""
         if closure is None:
-            if self._scaler_stepping:  # called back by GradScaler.step from second_step(scaler=...)
+            if self._stepping_base:  # called by second_step (directly or through GradScaler.step)
                 return self.base_optimizer.step()
             raise RuntimeError(
                 "BiSAM.step() requires a closure that does a full forward-backward pass; "
@@ -334,7 +333,8 @@ class BiSAM(torch.optim.Optimizer):
         closure = torch.enable_grad()(closure)
         self.first_step(zero_grad=True)
         loss = closure()
-        self.second_step()
+        self.restore()
+        self.base_optimizer.step()  # (not second_step: this call's hooks already run around the SAM step)
         return loss
 
     @property
@@ -353,10 +353,17 @@ class BiSAM(torch.optim.Optimizer):
                 "state_dict() taken between first_step() and second_step(): the model's weights are perturbed",
                 stacklevel=2,
             )
-        return self.base_optimizer.state_dict()
+        for hook in self._optimizer_state_dict_pre_hooks.values():  # hooks registered on this optimizer
+            hook(self)
+        state_dict = self.base_optimizer.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from :meth:`state_dict` (or from the canonical SAM; its backups are dropped)."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():  # hooks registered on this optimizer
+            state_dict = hook(self, state_dict) or state_dict
         state_dict = dict(state_dict)
         state_dict["state"] = {
             k: {n: v for n, v in s.items() if n != "old_p"} for k, s in state_dict.get("state", {}).items()
@@ -370,6 +377,8 @@ class BiSAM(torch.optim.Optimizer):
             group.setdefault("adaptive", self.defaults["adaptive"])
         for i, group in enumerate(self.param_groups):
             _check_group(group, f"param group {i}")
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

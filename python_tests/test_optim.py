@@ -361,6 +361,39 @@ def test_load_state_dict_of_the_canonical_sam_drops_backups():
     assert opt.param_groups[0]["rho"] == 0.2
 
 
+def test_hooks_registered_on_the_optimizer_run_once_per_step_on_every_path():
+    """Step hooks (an EMA update, say) run once per SAM step whichever way the step is taken, and the state-dict
+    hooks run around state_dict / load_state_dict, as for any torch optimizer."""
+    model = nn.Linear(4, 3)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o.perturbed)))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    steps = {
+        "bisam_step": lambda: bk.bisam_step(model, opt, x, y),
+        "bisam_step with a scaler": lambda: bk.bisam_step(model, opt, x, y, scaler=torch.amp.GradScaler("cpu")),
+        "explicit": lambda: (bk.bisam_loss(model(x), y).backward(), opt.first_step(zero_grad=True),
+                             F.cross_entropy(model(x), y).backward(), opt.second_step(zero_grad=True)),
+        "closure": lambda: (bk.bisam_loss(model(x), y).backward(),
+                            opt.step(lambda: F.cross_entropy(model(x), y).backward()), opt.zero_grad()),
+    }
+    for name, step in steps.items():
+        calls.clear()
+        step()
+        assert calls == ["pre", ("post", False)], name  # once, after the weights were restored
+
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append("save post") or {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append(("load pre", sd.get("extra"))))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load post"))
+    state = opt.state_dict()
+    assert state["extra"] == 1
+    opt.load_state_dict(state)
+    assert seen == ["save pre", "save post", ("load pre", 1), "load post"]
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
