@@ -34,7 +34,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("fused", "fused_accum32", "materialised", "compiled", "liger")
+IMPLS = ("materialised", "fused", "fused_accum32", "compiled", "liger")  # the baseline first: ratios as rows come
 LOSSES = ("bisam", "ce")
 VALUES = ("loss_value", "grad_norm_hidden", "grad_norm_weight")  # what each row records of its results
 CPU_SHAPE = "8192x128x32000"
@@ -169,14 +169,21 @@ def _available(impl: str, loss: str, device: str) -> bool:
     return True
 
 
-def compare(shape: str, device: str, dtype: str, reps: int, impls, losses) -> list[dict]:
-    """Every implementation in a fresh process; prints the table with ratios to the materialised path."""
-    rows = []
+def _ratios(row: dict, base: dict) -> None:
+    row["speedup_vs_materialised"] = base["median_s"] / row["median_s"]
+    row["peak_vs_materialised"] = (row["peak_above_inputs_and_grads_bytes"]
+                                   / max(base["peak_above_inputs_and_grads_bytes"], 1))
+    row["max_rel_diff_vs_materialised"] = max(abs(row[k] - base[k]) / max(abs(base[k]), 1e-30) for k in VALUES)
+
+
+def compare(shape: str, device: str, dtype: str, reps: int, impls, losses, rows: list, save=lambda: None) -> None:
+    """Every implementation in a fresh process, appended to rows (save() after each): prints each row as it
+    comes, with its ratios to the materialised path once that has been measured (run it first)."""
     print(f"linear_loss_{shape} {dtype} on {device}: forward + backward (hidden and weight), median of {reps}; "
           "peak memory above the inputs and their gradients; each in a fresh process")
     print("speed-up: the materialised path's time / this one's (above 1: faster); memory: this peak / the "
           "materialised path's (below 1: less); agree: largest relative difference from the materialised "
-          "path's loss and gradient norms")
+          "path's loss and gradient norms (a bfloat16 materialised loss is itself rounded to bfloat16: 4e-3)")
     print(f"{'loss':6} {'impl':14} {'time':>10} {'speed-up':>9} {'peak MiB':>10} {'memory':>8} {'agree':>8}")
     for loss in losses:
         results = {}
@@ -188,19 +195,16 @@ def compare(shape: str, device: str, dtype: str, reps: int, impls, losses) -> li
                 continue
             results[impl] = row
             rows.append(row)
-        base = results.get("materialised")
-        for impl, row in results.items():
-            t, m = row["median_s"], row["peak_above_inputs_and_grads_bytes"]
-            if base:
-                row["speedup_vs_materialised"] = base["median_s"] / t
-                row["peak_vs_materialised"] = m / max(base["peak_above_inputs_and_grads_bytes"], 1)
-                row["max_rel_diff_vs_materialised"] = max(
-                    abs(row[k] - base[k]) / max(abs(base[k]), 1e-30) for k in VALUES)
+            base = results.get("materialised")
+            for other in results.values() if impl == "materialised" else [row]:
+                if base:
+                    _ratios(other, base)
+            save()
             rt = f"{row['speedup_vs_materialised']:.2f}x" if base else "-"
             rm = f"{row['peak_vs_materialised']:.3f}x" if base else "-"
             ra = f"{row['max_rel_diff_vs_materialised']:.1e}" if base else "-"
-            print(f"{loss:6} {impl:14} {t * 1e3:8.1f}ms {rt:>9} {m / 2**20:10.1f} {rm:>8} {ra:>8}")
-    return rows
+            print(f"{loss:6} {impl:14} {row['median_s'] * 1e3:8.1f}ms {rt:>9} "
+                  f"{row['peak_above_inputs_and_grads_bytes'] / 2**20:10.1f} {rm:>8} {ra:>8}")
 
 
 def main(argv=None) -> int:
@@ -223,12 +227,16 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.one, args.losses[0], args.shape, args.device, dtype, args.reps)))
         return 0
     shapes = [args.shape] if args.shape else (list(GPU_SHAPES) if args.device == "cuda" else [CPU_SHAPE])
-    rows = []
+    rows: list[dict] = []
+    meta = _environment(args.device)
+
+    def save():  # after every row: a time limit's interrupt keeps what was measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
     for shape in shapes:
-        rows += compare(shape, args.device, dtype, args.reps, args.impls, args.losses)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": _environment(args.device), "rows": rows}, f, indent=1)
+        compare(shape, args.device, dtype, args.reps, args.impls, args.losses, rows, save)
     return 0
 
 
@@ -245,7 +253,10 @@ def _environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on the machine
+        revision = ""
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     if device == "cpu":
         try:
