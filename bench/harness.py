@@ -1,8 +1,11 @@
 """Measurement tools shared by the benchmark suites and the runner.
 
-Timing: CUDA events (triton.testing.do_bench, median) on the GPU; on the CPU the median of
-perf_counter over repeated calls. Inputs rotate across copies larger than the last-level cache
-so repeated calls do not measure the cache. Bandwidth is compared with a device-to-device copy
+Timing: the median over batches of back-to-back calls (about 10 ms each) of the wall-clock time between
+synchronisations, on the GPU as on the CPU: the host's launch work counts, as in a training loop. (CUDA
+events after an L2 flush, as triton.testing.do_bench times, leave out the launch work the host does
+during the flush, up to ~0.1 ms per call: for launch-bound calls, most of a many-kernel baseline's
+overhead.) Inputs rotate across copies larger than the last-level cache so repeated calls do not
+measure the cache. Bandwidth is compared with a device-to-device copy
 measured in the same process (bytes read + bytes written).
 """
 
@@ -42,18 +45,23 @@ def rotation_count(bytes_per_set: int, device: str, cap: int = 32) -> int:
 
 
 def median_time(fn: Callable[[], object], device: str, min_time_s: float = 0.5, max_reps: int = 200) -> float:
-    """Median seconds per call of fn, after warm-up."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=max(50, int(min_time_s * 1000)), return_mode="median") / 1e3
-    fn()  # warm-up (first-touch page faults, lazy initialisation)
+    """Median seconds per call of fn, after warm-up: batches of back-to-back calls of about 10 ms, each timed
+    from one synchronisation to the next (see the module docstring)."""
+    fn()  # warm-up (compilation, first-touch page faults, lazy initialisation)
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    per_batch = max(1, min(1000, int(0.01 / max(time.perf_counter() - start, 1e-7))))
     times = []
     deadline = time.perf_counter() + min_time_s
     while len(times) < 3 or (time.perf_counter() < deadline and len(times) < max_reps):
+        synchronize(device)
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(per_batch):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / per_batch)
     return statistics.median(times)
 
 
