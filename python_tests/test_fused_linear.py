@@ -389,11 +389,14 @@ def test_torch_compile_dynamic_one_graph(backend):
 
 
 def test_chunk_rows_keep_the_working_set_within_the_budget():
+    budget, working_set = fused_linear.CHUNK_BYTES, fused_linear.WORKING_SET
     rows = fused_linear.default_chunk_rows(8192, 32000, torch.float32, torch.device("cpu"))
-    assert rows * 32000 * 4 * fused_linear.WORKING_SET["cpu"] <= fused_linear.CHUNK_BYTES["cpu"]
+    assert rows * 32000 * 4 * working_set["composite"] <= budget
     rows = fused_linear.default_chunk_rows(16384, 128256, torch.bfloat16, torch.device("cuda"))
-    assert rows * 128256 * 2 * fused_linear.WORKING_SET["cuda"] <= fused_linear.CHUNK_BYTES["cuda"]
+    assert rows * 128256 * 2 * working_set["triton"] <= budget and 16384 // rows == 16  # the Triton path's
     assert 16384 % rows == 0  # balanced: no sliver
+    rows = fused_linear.default_chunk_rows(16384, 128256, torch.float64, torch.device("cuda"))
+    assert rows * 128256 * 8 * working_set["composite"] <= budget  # float64 on CUDA: the composite path
     assert fused_linear.default_chunk_rows(10, 5, torch.float32, torch.device("cpu")) == 10
 
 

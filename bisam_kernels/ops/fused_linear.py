@@ -22,27 +22,37 @@ import numbers
 import torch
 
 from bisam_kernels._dtypes import accumulate_dtype
-from bisam_kernels.ops.row_loss import launch
+from bisam_kernels.ops.row_loss import dispatch, launch
 from bisam_kernels.ops.row_loss.api import _check_options
 from bisam_kernels.ops.row_loss.composite import composite_rows
 from bisam_kernels.ops.row_loss.dispatch import device_of, scale_grad_impl, tracing, use_triton
-from bisam_kernels.ops.row_loss.modes import PHIS, REDUCTIONS, TARGET_DTYPES, Phi, Reduction, ScaleMode, StatsMode
+from bisam_kernels.ops.row_loss.modes import (
+    PHIS,
+    REDUCTIONS,
+    TARGET_DTYPES,
+    TRITON_DTYPES,
+    Phi,
+    Reduction,
+    ScaleMode,
+    StatsMode,
+)
 
 __all__ = ["fused_linear_bisam_loss", "fused_linear_cross_entropy", "FusedLinearBiSAMLoss",
            "FusedLinearCrossEntropy", "default_chunk_rows"]
 
-CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 256 << 20}  # a chunk's working set, at most (the memory budget)
+CHUNK_BYTES = 256 << 20  # a chunk's working set, at most (the memory budget)
 # Logit-sized arrays a chunk holds at once: the Triton row kernel writes the gradient over the logits (1);
-# the composite CPU path makes temporaries of the logits' size (about 4, measured peak / chunk logits).
-WORKING_SET = {"cuda": 1, "cpu": 4}
+# the composite path (the CPU; float64 on CUDA) makes temporaries of the logits' size (about 4, measured
+# peak / chunk logits).
+WORKING_SET = {"triton": 1, "composite": 4}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def default_chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk: as many as keep a chunk's working set (its logits and the temporaries of their
     size) within the device's budget, balanced so that the last chunk is not a sliver."""
-    kind = "cpu" if device.type == "cpu" else "cuda"
-    most = max(1, CHUNK_BYTES[kind] // (WORKING_SET[kind] * max(v, 1) * dtype.itemsize))
+    triton_path = device.type == "cuda" and dtype in TRITON_DTYPES and dispatch.triton is not None
+    most = max(1, CHUNK_BYTES // (WORKING_SET["triton" if triton_path else "composite"] * max(v, 1) * dtype.itemsize))
     chunks = max(1, -(-n // most))
     return max(1, -(-n // chunks))
 
