@@ -200,7 +200,8 @@ class BiSAM(torch.optim.Optimizer):
 
     def _backup_for(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         b = self._backups.get(p)
-        if b is None or b.shape != local.shape or b.dtype != local.dtype or b.device != local.device:
+        if (b is None or b.shape != local.shape or b.dtype != local.dtype or b.device != local.device
+                or b.stride() != local.stride()):
             b = torch.empty_like(local, memory_format=torch.preserve_format)
             self._backups[p] = b
         return b
@@ -260,15 +261,27 @@ class BiSAM(torch.optim.Optimizer):
                 "backward first (e.g. bk.bisam_loss(model(x), y).backward()), or use bk.bisam_step (under "
                 "Lightning: subclass bisam_kernels.integrations.lightning.BiSAMModule)"
             )
-        if plan.fused.sharded:  # DTensor local shards are re-read every step; plain tensors are cached
-            weights, grads = [_local(p) for p in plan.params], [_local(p.grad) for p in plan.params]
-        else:
-            weights, grads = plan.weights, [p.grad for p in plan.params]
-        norm = plan.fused.perturb_(weights, grads, plan.backups, DEFAULT_EPS)
+        try:
+            weights, norm = self._perturb(plan)
+        except ValueError:
+            # The backups' layout no longer matches the weights' (e.g. model.to(memory_format=...) after the
+            # first step): the fused ops check before they write anything, so rebuild the plan and retry.
+            if all(b.stride() == _local(p).stride() for p, b in zip(plan.params, plan.backups)):
+                raise
+            plan = self._plan = self._build_plan(signature)
+            weights, norm = self._perturb(plan)
         self._perturbed, self._ascent_norm = (weights, plan), norm
         if zero_grad:
             self.zero_grad()
         return norm
+
+    @staticmethod
+    def _perturb(plan: _Plan) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if plan.fused.sharded:  # DTensor local shards are re-read every step; plain tensors are cached
+            weights, grads = [_local(p) for p in plan.params], [_local(p.grad) for p in plan.params]
+        else:
+            weights, grads = plan.weights, [p.grad for p in plan.params]
+        return weights, plan.fused.perturb_(weights, grads, plan.backups, DEFAULT_EPS)
 
     @_runs_eagerly
     @torch.no_grad()

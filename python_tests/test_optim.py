@@ -361,6 +361,25 @@ def test_load_state_dict_of_the_canonical_sam_drops_backups():
     assert opt.param_groups[0]["rho"] == 0.2
 
 
+def test_a_layout_change_after_the_first_step_rebuilds_the_backups():
+    """model.to(memory_format=torch.channels_last) between steps: the backups follow the new layout and the run
+    continues as the unconverted one."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    converted, plain = make(), make()
+    opts = [bk.BiSAM(m.parameters(), torch.optim.SGD, rho=0.5, lr=0.1) for m in (converted, plain)]
+    for step in range(3):
+        if step == 1:
+            converted.to(memory_format=torch.channels_last)
+            assert converted[0].weight.stride() != plain[0].weight.stride()
+        bk.bisam_step(converted, opts[0], x, y)
+        bk.bisam_step(plain, opts[1], x, y)
+        assert_models_close(converted, plain, 1e-6)
+
+
 def test_hooks_registered_on_the_optimizer_run_once_per_step_on_every_path():
     """Step hooks (an EMA update, say) run once per SAM step whichever way the step is taken, and the state-dict
     hooks run around state_dict / load_state_dict, as for any torch optimizer."""
