@@ -85,17 +85,16 @@ def _ddp_batches(data: TensorDataset, epoch: int, replicas: int = 2):
 
 
 def _plain_loop(net, data, epochs, interval, frequency, precision, **step_options):
-    """What the Trainer should do: bk.bisam_step over the same batches, schedulers stepped by hand."""
+    """What the Trainer should do: bk.bisam_step over the same batches, schedulers stepped by hand (Lightning's
+    rule: a step-interval frequency counts the batches of each epoch)."""
     opt = _make_optimizer(net.parameters())
     sched = _make_scheduler(opt)
     amp = {"16-mixed": dict(scaler=torch.amp.GradScaler("cpu"), autocast_dtype=torch.float16),
            "bf16-mixed": dict(autocast_dtype=torch.bfloat16)}.get(precision, {})
-    step = 0
     for epoch in range(epochs):
-        for x, y in DataLoader(data, batch_size=BATCH):
+        for batch_idx, (x, y) in enumerate(DataLoader(data, batch_size=BATCH)):
             bk.bisam_step(net, opt, x, y, **amp, **step_options)
-            step += 1
-            if interval == "step" and step % frequency == 0:
+            if interval == "step" and (batch_idx + 1) % frequency == 0:
                 sched.step()
         if interval == "epoch" and (epoch + 1) % frequency == 0:
             sched.step()
@@ -124,6 +123,37 @@ def test_trainer_follows_the_plain_bisam_step_loop(precision, interval, frequenc
     assert trainer.global_step == 2 * STEPS_PER_EPOCH  # Lightning counted every BiSAM step
     assert_models_close(module.net, plain, 1e-6)  # weights and BatchNorm statistics
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+class _AutomaticSGD(L.LightningModule):
+    """The reference for when schedulers step: Lightning's automatic optimization with the same schedule."""
+
+    def __init__(self, interval: str, frequency: int):
+        super().__init__()
+        self.net, self.interval, self.frequency = _net(), interval, frequency
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05)
+        schedule = {"scheduler": _make_scheduler(opt), "interval": self.interval, "frequency": self.frequency}
+        return {"optimizer": opt, "lr_scheduler": schedule}
+
+
+@pytest.mark.parametrize("interval, frequency, limits", [
+    ("step", 2, dict(max_epochs=2)),  # 3 batches per epoch: the frequency counts each epoch's batches
+    ("step", 2, dict(max_epochs=3)),
+    ("epoch", 1, dict(max_steps=5)),  # stops mid-epoch: no scheduler step for the cut epoch
+    ("epoch", 2, dict(max_epochs=3)),
+])
+def test_schedulers_step_when_automatic_optimization_steps_them(interval, frequency, limits):
+    steps = []
+    for module in (_AutomaticSGD(interval, frequency), Classifier(_net(), interval, frequency)):
+        trainer = _fit(module, _data(), **{"max_epochs": -1, **limits})
+        steps.append((trainer.lr_scheduler_configs[0].scheduler.last_epoch, trainer.global_step))
+    assert steps[1] == steps[0]
 
 
 def test_resume_from_a_trainer_checkpoint_continues_exactly(tmp_path):

@@ -127,7 +127,7 @@ class BiSAMModule(pl.LightningModule):
         )
         lightning_optimizer._on_after_step()
         self._stepped = True
-        self._step_schedulers("step", self.trainer.global_step)
+        self._step_schedulers("step", self.trainer.fit_loop.epoch_loop.batch_idx + 1)
         return out
 
     def on_train_batch_start(self, batch, batch_idx: int):
@@ -156,10 +156,14 @@ class BiSAMModule(pl.LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
-        self._step_schedulers("epoch", self.trainer.current_epoch + 1)
+        # Only for a whole epoch: a max_steps stop mid-epoch runs this hook too, where Lightning's automatic
+        # optimization steps no epoch-interval scheduler.
+        if self.trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            self._step_schedulers("epoch", self.trainer.current_epoch + 1)
 
     def _step_schedulers(self, interval: str, count: int) -> None:
-        """Lightning's rule for automatic optimization: every ``frequency`` steps or epochs."""
+        """Lightning's rule for automatic optimization: when ``count`` (the batch's index in its epoch, from 1,
+        or the epoch's, from 1) is a multiple of the ``frequency``."""
         for config in self.trainer.lr_scheduler_configs:
             if config.interval == interval and count % config.frequency == 0:
                 config.scheduler.step()
