@@ -306,9 +306,61 @@ def test_sam_perturbation_gradcheck(adaptive):
     torch.testing.assert_close(e, expected[0] - w.detach(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_perturbation_second_derivatives(adaptive):
+    """Differentiable to second order (the normalisation's Jacobian included): gradgradcheck."""
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: bk.ops.sam_perturbation(a, b, 0.3, adaptive=adaptive), (w, g))
+
+
 def test_sam_perturbation_zero_gradient_is_zero():
     e = bk.ops.sam_perturbation(torch.randn(5), torch.zeros(5), 0.05)
     assert torch.equal(e, torch.zeros(5))
+    g = torch.zeros(5, requires_grad=True)
+    bk.ops.sam_perturbation(torch.randn(5), g, 0.05).sum().backward()
+    assert torch.isfinite(g.grad).all()
+
+
+@pytest.mark.parametrize("rho", [-0.05, float("inf")])
+def test_sam_perturbation_invalid_rho_tensor_gives_nan(rho):
+    e = bk.ops.sam_perturbation(torch.randn(5), torch.randn(5), torch.tensor(rho))
+    assert torch.isnan(e).all()
+
+
+def test_in_place_ops_bump_the_autograd_version():
+    """A graph that saved a weight raises at backward once the ops changed it, as after any in-place op;
+    with grad mode on, the ops refuse params that require grad."""
+    w = torch.randn(5, requires_grad=True)
+    loss = (w * w).sum()  # saves w
+    with torch.no_grad():
+        bk.ops.sam_perturb_([w], [torch.randn(5)], [torch.empty(5)], 0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    backup = torch.empty(5)
+    with torch.no_grad():
+        bk.ops.sam_perturb_([w], [torch.randn(5)], [backup], 0.5)
+    loss = (w * w).sum()
+    with torch.no_grad():
+        bk.ops.sam_restore_([w], [backup])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        bk.ops.sam_perturb_([w], [torch.randn(5)], [torch.empty(5)], 0.5)
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        bk.ops.sam_restore_([w], [backup])
+
+
+def test_a_pass_two_graph_backpropagated_after_restore_raises():
+    """BiSAM: a loss built at w + e whose backward runs after restore() would give the gradient at w."""
+    w = torch.randn(5, requires_grad=True)
+    opt = bk.BiSAM([w], torch.optim.SGD, rho=0.5, lr=0.1)
+    (w * w).sum().backward()
+    opt.first_step(zero_grad=True)
+    loss = (w * w).sum()
+    opt.restore()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 # ---- bad input: clear errors that name the argument ----

@@ -155,12 +155,22 @@ class FusedSAMPlan:
                 norm = reported
             elif call.rho_tensor is not None:  # NaN where that call's rho is invalid; otherwise the same norm
                 norm = torch.maximum(norm, reported.to(norm.device, norm.dtype))
+        _written(weights)  # (not the backups: this library's own buffers, or the caller's, which no graph reads)
         return norm
 
     def restore_(self, weights: list, backups: list) -> None:
         """``w <- backup`` for every tensor, bit-exact."""
         for indices in self.restores:
             _ops.sam_restore_(_pick(weights, indices), _pick(backups, indices))
+        _written(weights)
+
+
+def _written(weights: list) -> None:
+    """Bump the autograd version of the weights the ops wrote in place (the C++ ops do not), so that a graph
+    that saved one raises at backward, as after any in-place op, instead of reading the new values.
+    (Compiled graphs carry the mutation themselves.) About 7 us for 167 tensors."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(weights)
 
 
 def _as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
@@ -242,6 +252,7 @@ def sam_perturb_(params, grads, backups, rho, adaptive: bool = False, eps: float
     eps = check_eps(eps)
     if sq_norm is not None and not isinstance(sq_norm, torch.Tensor):
         raise TypeError(f"sq_norm must be a tensor or None, got {type(sq_norm).__name__}")
+    _check_no_grad(params, "sam_perturb_")
     plan = _plan_for_lists(params, "params", [(grads, "grads"), (backups, "backups")], rho, bool(adaptive))
     return plan.perturb_(params, grads, backups, eps, sq_norm)
 
@@ -250,54 +261,27 @@ def sam_restore_(params, backups) -> None:
     """``w <- backup`` for every pair, bit-exact (undoes :func:`sam_perturb_`)."""
     params = _as_tensor_list(params, "params")
     backups = _as_tensor_list(backups, "backups")
+    _check_no_grad(params, "sam_restore_")
     _plan_for_lists(params, "params", [(backups, "backups")], 0.0, False).restore_(params, backups)
 
 
-class _SAMPerturbation(torch.autograd.Function):
-    """e = rho * (w**2 if adaptive) * g / (||(|w| if adaptive) * g|| + eps), differentiable in w, g and rho."""
-
-    @staticmethod
-    def forward(ctx, w, g, rho, adaptive, eps):
-        u = g * w.abs() if adaptive else g
-        norm = torch.linalg.vector_norm(u)
-        direction = g * w.square() if adaptive else g  # e = scale * direction
-        scale = rho / (norm + eps)
-        ctx.save_for_backward(w, g, rho, norm)
-        ctx.adaptive, ctx.eps = adaptive, eps
-        return direction * scale
-
-    @staticmethod
-    def backward(ctx, grad_e):
-        w, g, rho, norm = ctx.saved_tensors
-        adaptive, eps = ctx.adaptive, ctx.eps
-        denom = norm + eps
-        direction = g * w.square() if adaptive else g
-        scale = rho / denom
-        dot = (grad_e * direction).sum()
-        # d norm / d g = (w**2 if adaptive) * g / norm; d norm / d w = w * g**2 / norm (adaptive only).
-        inv_norm = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
-        dscale_dnorm = -rho / denom.square()
-        grad_w = grad_g = grad_rho = None
-        if ctx.needs_input_grad[1]:
-            dir_scale = w.square() if adaptive else 1.0
-            grad_g = scale * dir_scale * grad_e + dot * dscale_dnorm * inv_norm * direction
-        if ctx.needs_input_grad[0]:
-            if adaptive:
-                grad_w = 2.0 * scale * w * g * grad_e + dot * dscale_dnorm * inv_norm * w * g.square()
-            else:
-                grad_w = torch.zeros_like(w)
-        if ctx.needs_input_grad[2]:
-            grad_rho = (dot / denom).reshape(rho.shape).to(rho.dtype)
-        return grad_w, grad_g, grad_rho, None, None
+def _check_no_grad(params: list, name: str) -> None:
+    """The ops write params outside autograd: with grad mode on, a param that requires grad would be
+    changed behind the graph's back (PyTorch refuses in-place ops on such leaves for the same reason)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        raise RuntimeError(f"{name} updates params in place outside autograd, and some require grad: call it "
+                           "under torch.no_grad(), as optimizers do")
 
 
 def sam_perturbation(w_flat: torch.Tensor, g_flat: torch.Tensor, rho, adaptive: bool = False,
                      eps: float = DEFAULT_EPS):
     """Out-of-place SAM perturbation ``rho * g / ||g||`` (ASAM form when ``adaptive``), with autograd.
 
-    For research code that differentiates through the perturbation: the backward applies the
-    Jacobian of the normalisation to ``g`` (and to ``w`` when adaptive, and to ``rho`` if a tensor).
-    A zero gradient gives a zero perturbation (with ``eps > 0``, the default).
+    For research code that differentiates through the perturbation: plain torch operations, so autograd
+    differentiates it in ``w`` (when adaptive), ``g`` and a tensor ``rho``, to any order (the
+    normalisation's Jacobian included). A zero gradient gives a zero perturbation (with ``eps > 0``,
+    the default). A tensor ``rho`` that is negative or not finite gives NaN (checked on the device:
+    no host sync), as :func:`sam_perturb_` skips its step for one.
     """
     if not isinstance(w_flat, torch.Tensor) or not isinstance(g_flat, torch.Tensor):
         raise TypeError("w_flat and g_flat must be tensors")
@@ -308,5 +292,9 @@ def sam_perturbation(w_flat: torch.Tensor, g_flat: torch.Tensor, rho, adaptive: 
     if w_flat.device != g_flat.device:
         raise ValueError(f"w_flat is on {w_flat.device} but g_flat is on {g_flat.device}")
     check_rho(rho)
-    rho = torch.as_tensor(rho, dtype=g_flat.dtype, device=g_flat.device).reshape(())
-    return _SAMPerturbation.apply(w_flat, g_flat, rho, bool(adaptive), check_eps(eps))
+    eps = check_eps(eps)
+    if isinstance(rho, torch.Tensor):
+        rho = torch.where((rho >= 0) & torch.isfinite(rho), rho, float("nan")).to(g_flat.dtype).reshape(())
+    u = g_flat * w_flat.abs() if adaptive else g_flat
+    direction = g_flat * w_flat.square() if adaptive else g_flat
+    return direction * (rho / (torch.linalg.vector_norm(u) + eps))
