@@ -364,15 +364,17 @@ def test_default_matches_released_code(backend):
         torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_double_backward_is_refused(backend):
-    """First-order only: differentiating the gradient again raises instead of giving a silent zero."""
+def test_higher_order_derivatives_are_refused(backend):
+    """First-order only: backward(create_graph=True), the first step of a Hessian-vector product or a gradient
+    penalty, raises instead of returning a gradient with no graph (a silently missing curvature)."""
     device, ctx = backend
     z, t = make_inputs(4, 5, device)
     leaf = z.clone().requires_grad_()
-    with ctx:
-        (g,) = torch.autograd.grad(bk.bisam_loss(leaf, t), leaf, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    with ctx, pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(bk.bisam_loss(leaf, t), leaf, create_graph=True)
+    w = torch.randn(5, 5, dtype=z.dtype, device=device, requires_grad=True)
+    with ctx, pytest.raises(RuntimeError, match="differentiable once"):
+        bk.bisam_loss(leaf @ w, t).backward(create_graph=True)
 
 
 def test_released_reference_shifts_a_clone(backend):

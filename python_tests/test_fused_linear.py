@@ -229,6 +229,15 @@ def test_only_the_gradients_asked_for(backend):
     assert_close(out, ref, 2e-5, "no-grad loss")
 
 
+def test_higher_order_derivatives_are_refused(backend):
+    """The gradients are computed in the forward, with no graph: backward(create_graph=True) raises."""
+    device, ctx = backend
+    hidden, weight, bias, t = make_inputs(7, 4, 9, device)
+    hidden.requires_grad_()
+    with ctx, pytest.raises(RuntimeError, match="differentiable once"):
+        bk.fused_linear_cross_entropy(hidden, weight, t, bias).backward(create_graph=True)
+
+
 def test_second_backward_through_the_graph_raises(backend):
     device, ctx = backend
     hidden, weight, bias, t = make_inputs(7, 4, 9, device)

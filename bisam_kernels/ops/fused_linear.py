@@ -24,6 +24,7 @@ import torch
 from bisam_kernels._dtypes import accumulate_dtype
 from bisam_kernels.ops.row_loss import dispatch, launch
 from bisam_kernels.ops.row_loss.api import _check_options
+from bisam_kernels.ops.row_loss.autograd import refuse_higher_order
 from bisam_kernels.ops.row_loss.composite import composite_rows
 from bisam_kernels.ops.row_loss.dispatch import device_of, scale_grad_impl, tracing, use_triton
 from bisam_kernels.ops.row_loss.modes import (
@@ -335,6 +336,7 @@ _N_INPUTS = 15  # of bisam::fused_linear_loss
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * _N_INPUTS
+    refuse_higher_order("the fused linear loss")
     if ctx.backward_done:
         raise RuntimeError("fused linear loss: the gradients are computed in the forward and handed over by the "
                            "first backward; a second backward through the same graph (retain_graph=True) is "

@@ -79,6 +79,16 @@ def _backward(ctx, grad_loss):
     return torch.ops.bisam.bisam_loss_row_grad(*args) if tracing(logits) else row_grad_impl(*args)
 
 
+def refuse_higher_order(name: str) -> None:
+    """Under backward(create_graph=True) grad mode is on in a backward: the gradient these losses return
+    is computed without a graph, so a Hessian-vector product or a gradient penalty through them would
+    silently miss their curvature. (once_differentiable only catches a grad_output that requires grad.)"""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{name} is differentiable once: backward(create_graph=True) and double backward "
+                           "through it are not supported; for higher-order derivatives use plain torch "
+                           "operations (bisam_kernels.references.bisam_loss_eager, F.cross_entropy)")
+
+
 class BiSAMLossFunction(torch.autograd.Function):
     """Eager autograd (no dispatcher round trip: a torch.library custom op costs tens of microseconds
     per call in Python, more than the kernels at small sizes). torch.compile uses the operator."""
@@ -99,9 +109,10 @@ class BiSAMLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        return (_backward(ctx, grad_loss),) + (None,) * 9
+        refuse_higher_order("bisam_loss")
+        with torch.no_grad():
+            return (_backward(ctx, grad_loss),) + (None,) * 9
 
 
 # torch.library operators: what torch.compile traces (opcheck-ed)
