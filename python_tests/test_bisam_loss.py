@@ -607,6 +607,8 @@ def test_gradcheck_float64(phi, reduction):
         (dict(alpha=float("inf")), ValueError, "alpha"),
         (dict(alpha=float("nan")), ValueError, "alpha"),
         (dict(alpha=0.0), ValueError, "alpha"),
+        (dict(mu=1e39), ValueError, "mu must be .* at most"),  # above float32's range: the kernels' NaN
+        (dict(alpha=1e39), ValueError, "alpha must be .* at most"),
         (dict(ignore_index=1.5), TypeError, "ignore_index"),
     ],
 )
@@ -619,6 +621,15 @@ def test_bad_input(backend, kwargs, error, match):
             args[key] = args[key].to(device)
     with ctx, pytest.raises(error, match=match):
         bk.bisam_loss(**args)
+
+
+def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend):
+    """Its values would become its own gradient (PyTorch refuses in-place operations on such leaves)."""
+    device, ctx = backend
+    z, t = make_inputs(4, 5, device)
+    leaf = z.clone().requires_grad_()
+    with ctx, pytest.raises(RuntimeError, match="leaf that requires grad"):
+        bk.bisam_loss(leaf, t, inplace_backward=True)
 
 
 @pytest.mark.parametrize("bad", [3, -1, 1000])

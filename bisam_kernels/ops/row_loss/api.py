@@ -1,6 +1,5 @@
 """The public face of the fused BiSAM loss: ``bisam_loss`` and ``BiSAMLoss``, with their argument checks."""
 
-import math
 import numbers
 
 import torch
@@ -19,9 +18,13 @@ def _check_scalar(name: str, value, positive: bool) -> float:
             isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not abs(value) < math.inf or (positive and not value > 0):  # (NaN fails both comparisons)
-        raise ValueError(f"{name} must be finite{' and positive' if positive else ''}, got {value!r}")
+    if not abs(value) <= _FLOAT32_MAX or (positive and not value > 0):  # (NaN fails both comparisons)
+        raise ValueError(f"{name} must be finite{' and positive' if positive else ''} and at most "
+                         f"{_FLOAT32_MAX:.4g} (the kernels compute in float32), got {value!r}")
     return value
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _check_options(phi, mu, alpha, reduction, ignore_index) -> tuple[float, float, int]:
@@ -112,6 +115,10 @@ def bisam_loss(
     z = logits.reshape(-1, K)
     t = targets.reshape(-1)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace_backward and needs_grad and logits.is_leaf:
+        raise RuntimeError("inplace_backward=True would overwrite a leaf that requires grad with its own gradient "
+                           "(as PyTorch refuses in-place operations on such leaves): pass logits computed by the "
+                           "model, or inplace_backward=False")
     float32_loss = logits.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(logits.device.type)
     args = (int(PHIS[phi]), mu, alpha, ignore_index, int(red), out_scale, float32_loss)
     if torch.compiler.is_compiling():
