@@ -21,6 +21,12 @@ def test_char_lm_quick_prints_every_method(load_example, capsys):
         line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
         bits, loss, per_step = (float(x) for x in re.findall(r"[-\d.]+", line[len(name):]))
         assert math.isfinite(bits) and 0 < bits < 8 and math.isfinite(loss) and per_step > 0
+    assert " 5 steps" in out
+
+
+def test_char_lm_explicit_options_win_over_quick(load_example, capsys):
+    assert load_example("train_char_lm").main(["--quick", "--steps", "3", "--methods", "adamw"]) == 0
+    assert " 3 steps" in capsys.readouterr().out
 
 
 def test_corpus_is_the_standard_library_source(load_example):
