@@ -224,13 +224,14 @@ def bisam_step(
         raise ValueError("targets must have a batch dimension, got a 0-dim tensor")
     if label_smoothing_style not in SMOOTHING_STYLES:
         raise ValueError(f"label_smoothing_style must be one of {SMOOTHING_STYLES}, got {label_smoothing_style!r}")
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if head is not None:
         if not isinstance(getattr(head, "weight", None), torch.Tensor):
             raise TypeError(f"head must be a module with a weight (V, H) (an nn.Linear or nn.Embedding), got "
                             f"{type(head).__name__}")
         if label_smoothing_style != "pytorch":
             raise ValueError("the language-model form (head=) supports label_smoothing_style='pytorch' only")
-        if not any(head.weight is p for group in optimizer.param_groups for p in group["params"]):
+        if id(head.weight) not in optimized:
             raise ValueError("head.weight is not among the optimizer's parameters: pass the model's own output "
                              "projection (e.g. head=model.lm_head), whose parameters the optimizer updates")
     batch = targets.shape[0]
@@ -282,7 +283,6 @@ def bisam_step(
     # The model's trainable parameters outside this optimizer (another optimizer's, say) keep the gradient
     # they had plus pass 2's, as after one forward/backward of the training loss: pass 1's (of the
     # surrogate at w) goes to a fresh tensor that is dropped.
-    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     outside = [p for p in model.parameters() if p.requires_grad and id(p) not in optimized]
     outside_grads = [p.grad for p in outside]
     for p in outside:

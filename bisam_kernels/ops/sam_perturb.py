@@ -294,7 +294,8 @@ def sam_perturbation(w_flat: torch.Tensor, g_flat: torch.Tensor, rho, adaptive: 
     check_rho(rho)
     eps = check_eps(eps)
     if isinstance(rho, torch.Tensor):
-        rho = torch.where((rho >= 0) & torch.isfinite(rho), rho, float("nan")).to(g_flat.dtype).reshape(())
+        rho = torch.where((rho >= 0) & torch.isfinite(rho), rho, float("nan")).to(g_flat.device, g_flat.dtype)
+        rho = rho.reshape(())
     u = g_flat * w_flat.abs() if adaptive else g_flat
     direction = g_flat * w_flat.square() if adaptive else g_flat
     return direction * (rho / (torch.linalg.vector_norm(u) + eps))
