@@ -6,6 +6,14 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${BISAM_VENV:-$repo/.venv}"
 
 if [ ! -x "$venv/bin/python" ]; then
+  # The pinned torch (a CUDA build) and the rest take about 6 GiB: say so now, not as a pip OSError.
+  need_kib=$((7 * 1024 * 1024))
+  free_kib="$(df -Pk "$(dirname "$venv")" | awk 'NR == 2 { print $4 }')"
+  if [ "$free_kib" -lt "$need_kib" ]; then
+    echo "set-up needs about 7 GiB free for $venv; $((free_kib / 1024)) MiB are free there." \
+      "Free some space, or point BISAM_VENV at a disk with room." >&2
+    exit 1
+  fi
   python3 -m venv "$venv"
 fi
 # shellcheck disable=SC1091
