@@ -36,6 +36,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+def _same_layout(backup: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a backup can still hold the weight (the fused ops write it element for element)."""
+    return (backup.shape == weight.shape and backup.dtype == weight.dtype and backup.device == weight.device
+            and backup.stride() == weight.stride())
+
+
 def _shard_groups(p: torch.Tensor) -> tuple:
     """Process groups over which a DTensor parameter is sharded (its squared norm is summed over them)."""
     if not _is_dtensor(p):
@@ -200,8 +206,7 @@ class BiSAM(torch.optim.Optimizer):
 
     def _backup_for(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         b = self._backups.get(p)
-        if (b is None or b.shape != local.shape or b.dtype != local.dtype or b.device != local.device
-                or b.stride() != local.stride()):
+        if b is None or not _same_layout(b, local):
             b = torch.empty_like(local, memory_format=torch.preserve_format)
             self._backups[p] = b
         return b
@@ -263,10 +268,11 @@ class BiSAM(torch.optim.Optimizer):
             )
         try:
             weights, norm = self._perturb(plan)
-        except ValueError:
-            # The backups' layout no longer matches the weights' (e.g. model.to(memory_format=...) after the
-            # first step): the fused ops check before they write anything, so rebuild the plan and retry.
-            if all(b.stride() == _local(p).stride() for p, b in zip(plan.params, plan.backups)):
+        except (ValueError, TypeError):
+            # The weights' layout or dtype changed since the plan was built (model.to(memory_format=...) or
+            # module.double() after the first step): the fused ops check before they write anything, so
+            # rebuild the plan and retry.
+            if all(_same_layout(b, _local(p)) for p, b in zip(plan.params, plan.backups)):
                 raise
             plan = self._plan = self._build_plan(signature)
             weights, norm = self._perturb(plan)

@@ -380,6 +380,41 @@ def test_a_layout_change_after_the_first_step_rebuilds_the_backups():
         assert_models_close(converted, plain, 1e-6)
 
 
+class _CastingMLP(nn.Module):
+    """Two layers, each input cast to its layer's dtype: a model whose layers may differ in dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x.to(self.first.weight.dtype)))
+        return self.second(h.to(self.second.weight.dtype)).float()
+
+
+def test_a_dtype_change_after_the_first_step_rebuilds_the_plan():
+    """One layer converted to float64 between steps: the optimizer regroups its fused calls by dtype and the
+    run continues as with an optimizer built after the conversion (plain SGD: no state to carry over)."""
+    def make():
+        torch.manual_seed(0)
+        return _CastingMLP()
+
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    converted, rebuilt = make(), make()
+    opt = bk.BiSAM(converted.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    ref_opt = bk.BiSAM(rebuilt.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    for step in range(3):
+        if step == 1:
+            converted.second.double()
+            rebuilt.second.double()
+            ref_opt = bk.BiSAM(rebuilt.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+        bk.bisam_step(converted, opt, x, y)
+        bk.bisam_step(rebuilt, ref_opt, x, y)
+        for a, b in zip(converted.parameters(), rebuilt.parameters()):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert converted.second.weight.dtype == torch.float64
+
+
 def test_hooks_registered_on_the_optimizer_run_once_per_step_on_every_path():
     """Step hooks (an EMA update, say) run once per SAM step whichever way the step is taken, and the state-dict
     hooks run around state_dict / load_state_dict, as for any torch optimizer."""
