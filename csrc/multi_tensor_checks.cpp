@@ -73,7 +73,10 @@ TensorLists check_tensor_lists(
       " (float32, float64, float16 and bfloat16 are supported)");
   out.numels.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& ref = lists[0][i];
+    // A read-only first list (grad_sq_norm's grads) may be any view: one with gaps or overlaps is copied
+    // densely, as the other read-only inputs are below. A written list must be dense as it is.
+    const at::Tensor ref = writable[0] || lists[0][i].is_non_overlapping_and_dense() ? lists[0][i]
+                                                                                     : lists[0][i].contiguous();
     for (size_t k = 0; k < lists.size(); ++k) {
       const at::Tensor& t = lists[k][i];
       TORCH_CHECK_VALUE(t.defined(), names[k], "[", i, "] is undefined (None)");
@@ -93,7 +96,9 @@ TensorLists check_tensor_lists(
     for (size_t k = 0; k < lists.size(); ++k) {
       const at::Tensor& t = lists[k][i];
       const bool layout_matches = k == 0 || same_layout(t, ref);
-      if (writable[k]) {
+      if (k == 0) {
+        out.lists[k].push_back(ref);
+      } else if (writable[k]) {
         TORCH_CHECK_VALUE(
             layout_matches && t.is_non_overlapping_and_dense(), names[k], "[", i, "] has strides ", t.strides(),
             " but ", names[0], "[", i, "] has strides ", ref.strides(), ": tensors updated in place must share a layout");

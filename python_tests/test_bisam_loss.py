@@ -312,7 +312,7 @@ def test_strided_targets_and_self_overlapping_logits(backend, inplace):
     ref_loss, ref_grad = reference(row.expand(12, 40), t, phi="log", mu=2.0)
     leaf = row.clone().requires_grad_()
     with ctx:
-        loss = bk.bisam_loss(leaf.expand(12, 40), t, phi="log", mu=2.0, inplace_backward=inplace)
+        loss = bk.bisam_loss((leaf * 1.0).expand(12, 40), t, phi="log", mu=2.0, inplace_backward=inplace)
         loss.backward()
     assert_close(loss, ref_loss, 1e-5, "loss")
     assert_close(leaf.grad, ref_grad.sum(0, keepdim=True), 1e-5, "gradient")
@@ -623,13 +623,17 @@ def test_bad_input(backend, kwargs, error, match):
         bk.bisam_loss(**args)
 
 
-def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend):
-    """Its values would become its own gradient (PyTorch refuses in-place operations on such leaves)."""
+@pytest.mark.parametrize("view", [False, True])
+def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend, view):
+    """Its values, or those of the leaf it views, would become its own gradient (PyTorch refuses in-place
+    operations on such leaves and their views)."""
     device, ctx = backend
     z, t = make_inputs(4, 5, device)
     leaf = z.clone().requires_grad_()
+    before = leaf.detach().clone()
     with ctx, pytest.raises(RuntimeError, match="leaf that requires grad"):
-        bk.bisam_loss(leaf, t, inplace_backward=True)
+        bk.bisam_loss(leaf.view(4, 5) if view else leaf, t, inplace_backward=True)
+    assert torch.equal(leaf.detach(), before)
 
 
 @pytest.mark.parametrize("bad", [3, -1, 1000])

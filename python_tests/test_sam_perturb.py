@@ -394,6 +394,35 @@ def test_bad_shapes_and_dtypes():
         bk.ops.sam_perturb_([w], [torch.randn(4, 3)], [torch.empty(4, 3)], 0.05)
 
 
+def test_a_meta_tensor_among_real_ones_is_refused():
+    """A meta argument sends the whole call to the fake kernel, which would check and write nothing."""
+    params, grads, backups = make_lists([3, 4], torch.float32, "cpu")
+    before = [p.clone() for p in params]
+    on_meta = torch.empty(4, device="meta")
+    with pytest.raises(ValueError, match="one of them meta"):
+        bk.ops.sam_perturb_(params, grads, backups, torch.tensor(0.1, device="meta"))
+    with pytest.raises(ValueError, match="one of them meta"):
+        bk.ops.sam_perturb_(params, [grads[0], on_meta], backups, 0.1)
+    with pytest.raises(ValueError, match="one of them meta"):
+        bk.ops.grad_sq_norm([grads[0], on_meta])
+    with pytest.raises(ValueError, match="one of them meta"):
+        bk.ops.sam_restore_(params, [backups[0], on_meta])
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    meta = [t.to("meta") for t in params]  # wholly on meta: a shape computation, as for any op
+    assert bk.ops.grad_sq_norm(meta).device.type == "meta"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gradients_with_gaps_or_overlaps_are_read(device, adaptive):
+    """Gradients are only read: a view with gaps (a strided slice) or overlaps (expanded) is taken as its
+    values, by grad_sq_norm as by sam_perturb_."""
+    grads = [torch.randn(4, 12, device=device)[:, ::2], torch.randn(3, device=device).expand(4, 3)]
+    params = [torch.randn(4, 6, device=device), torch.randn(4, 3, device=device)]
+    expected = sum(((g.double() * (p.double().abs() if adaptive else 1)) ** 2).sum() for g, p in zip(grads, params))
+    got = bk.ops.grad_sq_norm(grads, params, adaptive=adaptive)
+    assert abs(got.item() - expected.item()) <= 1e-5 * expected.item()
+
+
 def test_aliasing_arguments_are_rejected():
     params, grads, backups = make_lists([30, 20], torch.float32, "cpu")
     with pytest.raises(ValueError, match="shares memory"):  # a parameter listed twice

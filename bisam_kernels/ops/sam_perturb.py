@@ -24,18 +24,31 @@ _ops = torch.ops.bisam
 DEFAULT_EPS = 1e-12  # the canonical SAM's epsilon in rho / (||g|| + eps)
 
 
+def _refuse_stray_meta(*tensor_lists) -> None:
+    """One meta tensor among real ones sends the whole call here, to the fake kernel, which neither checks
+    nor writes anything: refuse it, as the real kernels refuse mixed devices. (Under torch.compile every
+    input is a fake tensor on its real device; a call wholly on meta is a legitimate shape computation.)"""
+    devices = {t.device.type for ts in tensor_lists for t in ts if t is not None}
+    if "meta" in devices and len(devices) > 1:
+        raise ValueError(f"the tensors are on several devices ({', '.join(sorted(devices))}), one of them meta: "
+                         "all tensors, a rho or sq_norm tensor included, must be on one device")
+
+
 @torch.library.register_fake("bisam::grad_sq_norm")
 def _grad_sq_norm_fake(grads, params, adaptive):
+    _refuse_stray_meta(grads, params)
     return grads[0].new_empty((), dtype=accumulate_dtype(grads[0].dtype))
 
 
 @torch.library.register_fake("bisam::sam_perturb_")
 def _sam_perturb_fake(params, grads, backups, rho, rho_tensor, adaptive, eps, sq_norm):
+    _refuse_stray_meta(params, grads, backups, [rho_tensor, sq_norm])
     return params[0].new_empty((), dtype=accumulate_dtype(params[0].dtype))
 
 
 @torch.library.register_fake("bisam::sam_restore_")
 def _sam_restore_fake(params, backups):
+    _refuse_stray_meta(params, backups)
     return None
 
 
@@ -218,7 +231,8 @@ def _plan_for_lists(first: list, first_name: str, others, rho, adaptive: bool) -
 def grad_sq_norm(grads, params=None, adaptive: bool = False) -> torch.Tensor:
     """Sum of ``g**2`` over all grads, or of ``(|w| * g)**2`` when ``adaptive`` (ASAM).
 
-    Returns a 0-dim tensor on the grads' device: float32 (float64 when every grad is float64).
+    Returns a 0-dim tensor on the grads' device: float32 (float64 when any grad is float64). Grads may be
+    any view (one with gaps or overlaps is read through a dense copy).
     Deterministic (fixed reduction order) and free of host synchronisation.
     """
     grads = _as_tensor_list(grads, "grads")

@@ -115,10 +115,11 @@ def bisam_loss(
     z = logits.reshape(-1, K)
     t = targets.reshape(-1)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    if inplace_backward and needs_grad and logits.is_leaf:
-        raise RuntimeError("inplace_backward=True would overwrite a leaf that requires grad with its own gradient "
-                           "(as PyTorch refuses in-place operations on such leaves): pass logits computed by the "
-                           "model, or inplace_backward=False")
+    base = logits if logits._base is None else logits._base
+    if inplace_backward and needs_grad and base.is_leaf and base.requires_grad:
+        raise RuntimeError("inplace_backward=True would overwrite a leaf that requires grad (or a view of one) with "
+                           "its own gradient (as PyTorch refuses in-place operations on such leaves): pass logits "
+                           "computed by the model, or inplace_backward=False")
     float32_loss = logits.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(logits.device.type)
     args = (int(PHIS[phi]), mu, alpha, ignore_index, int(red), out_scale, float32_loss)
     if torch.compiler.is_compiling():
