@@ -117,8 +117,11 @@ def _call(model: nn.Module, inputs):
     return model(inputs)
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
+def _ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper of the model, also under ``torch.compile(DDP(model))`` (the order PyTorch recommends,
+    whose ``OptimizedModule`` hides it), else None."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
 def _one_pass(model, chunks, targets_chunks, loss_fn, weights, backward, no_sync, autocast, sync: bool,
@@ -206,7 +209,7 @@ def bisam_step(
             ``manual_backward``): it must apply the loss scaling of ``scaler`` itself; ``scaler`` is then used
             for the optimizer step and ``scaler.update`` only.
         no_sync: a context manager factory under which a backward does not all-reduce the gradients; default
-            the DDP model's ``no_sync`` (nothing for other models). Given: the model is taken to be replicated
+            the DDP model's ``no_sync``, compiled or not (nothing for other models). Given: the model is taken to be replicated
             (data parallel), as for DDP.
 
     Returns :class:`BiSAMStepOutput` ``(ascent_loss, loss, logits, ascent_norm)``, detached, on the device
@@ -266,9 +269,10 @@ def bisam_step(
     else:
         raise TypeError(f"ascent_loss must be a string or a callable, got {type(ascent_loss).__name__}")
 
-    distributed = no_sync is not None or _is_ddp(model)
+    ddp = _ddp(model)
+    distributed = no_sync is not None or ddp is not None
     if no_sync is None:
-        no_sync = model.no_sync if distributed else contextlib.nullcontext
+        no_sync = ddp.no_sync if ddp is not None else contextlib.nullcontext
     if backward is None:
         def backward(loss):
             (scaler.scale(loss) if scaler is not None else loss).backward()

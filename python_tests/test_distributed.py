@@ -1,7 +1,7 @@
 """BiSAM under torch.distributed on the CPU: 2 processes over gloo.
 
 - DDP, per-replica perturbation (pass 1 under ``no_sync``) and synchronised pass 1, with and without
-  micro-batches: the ranks hold identical weights after every step, and the step equals a
+  micro-batches, and a ``torch.compile``d DDP model: the ranks hold identical weights after every step, and the step equals a
   single-process recomputation (the mean over replicas of the pass-2 gradients, each taken at that
   replica's own perturbation; or one perturbation from the whole batch).
 - DDP with a GradScaler: a pass-1 overflow on one replica skips the step on every replica.
@@ -139,6 +139,20 @@ def _ddp_worker(rank: int) -> None:
                     assert _rel(flat, per_replica_flat) > 1e-4, "per-replica and synchronised runs coincide"
                 else:
                     per_replica_flat = flat
+    # torch.compile(DDP(model)), the order PyTorch recommends: its wrapper hides the DDP module, whose no_sync
+    # bisam_step must still find (the per-replica default; it once silently ran a synchronised pass 1).
+    torch.manual_seed(0)
+    ref = _mlp()
+    ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(ref))
+    compiled = torch.compile(ddp, backend="eager")
+    opt = bk.BiSAM(ddp.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    ref_opt = bk.BiSAM(ref.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    for step, (x, y) in enumerate(_batches(2, 2 * 10)):
+        bk.bisam_step(compiled, opt, _shard(x, rank), _shard(y, rank))
+        _per_replica_reference_step(ref, ref_opt, x, y)
+        for (name, p), q in zip(ddp.module.named_parameters(), ref.parameters()):
+            err = _rel(p, q)
+            assert err <= 1e-5, f"compiled DDP per-replica, step {step}, {name}: relative error {err:.3g}"
 
 
 def test_ddp_per_replica_and_synchronised_first_pass(tmp_path):
