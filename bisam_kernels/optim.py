@@ -343,7 +343,10 @@ class BiSAM(torch.optim.Optimizer):
         """Canonical SAM step: the gradients at ``w`` must already be computed; ``closure`` re-evaluates
         the training loss with a full forward-backward pass at ``w + e(w)``."""
         if closure is None:
-            if self._stepping_base:  # called by second_step (directly or through GradScaler.step)
+            # Called by second_step (directly or through GradScaler.step); or with every gradient zero, where
+            # there is no ascent direction and SAM's step is the base optimizer's (torch.distributed.checkpoint's
+            # get_state_dict / set_state_dict initialise an optimizer's state so; the check syncs, once).
+            if self._stepping_base or self._gradients_are_zero():
                 return self.base_optimizer.step()
             raise RuntimeError(
                 "BiSAM.step() requires a closure that does a full forward-backward pass; "
@@ -355,6 +358,10 @@ class BiSAM(torch.optim.Optimizer):
         self.restore()
         self.base_optimizer.step()  # (not second_step: this call's hooks already run around the SAM step)
         return loss
+
+    def _gradients_are_zero(self) -> bool:
+        grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and not any(bool(t.any()) for t in grads)
 
     @property
     def perturbed(self) -> bool:
@@ -400,8 +407,14 @@ class BiSAM(torch.optim.Optimizer):
             hook(self)
 
     def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave out the backups, except between the two steps: there they hold the
+        unperturbed weights, which the copy's second_step() / restore() must still be able to put back."""
         state = dict(self.__dict__)
-        state["_backups"], state["_plan"], state["_perturbed"], state["_ascent_norm"] = {}, None, None, None
+        if self._perturbed is None:
+            state["_backups"], state["_plan"], state["_ascent_norm"] = {}, None, None
+        else:
+            warnings.warn("BiSAM pickled or copied between first_step() and second_step(): the model's weights are "
+                          "perturbed; the copy keeps the backups to restore them", stacklevel=2)
         return state
 
     def __repr__(self) -> str:

@@ -6,7 +6,8 @@
   replica's own perturbation; or one perturbation from the whole batch).
 - DDP with a GradScaler: a pass-1 overflow on one replica skips the step on every replica.
 - FSDP2 (``fully_shard``): the sharded run matches a single-process run on the whole batch (the
-  squared norm of the local shards is all-reduced before the perturbation).
+  squared norm of the local shards is all-reduced before the perturbation), and resumes identically
+  through torch.distributed.checkpoint's ``get_state_dict`` / ``set_state_dict``.
 """
 
 from __future__ import annotations
@@ -210,17 +211,22 @@ def _groups(model: nn.Module, last_rho):
 def _fsdp_worker(rank: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     mesh = init_device_mesh("cpu", (WORLD,))
     for base, kw, adaptive, last_rho, micro in FSDP_CONFIGS:
+        rho = 0.5 if adaptive else 0.1
+
+        def sharded(model):
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model, bk.BiSAM(_groups(model, last_rho), base, rho=rho, adaptive=adaptive, **kw)
+
         torch.manual_seed(0)
         ref = _mlp()
-        model = copy.deepcopy(ref)
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        rho = 0.5 if adaptive else 0.1
-        opt = bk.BiSAM(_groups(model, last_rho), base, rho=rho, adaptive=adaptive, **kw)
+        model, opt = sharded(copy.deepcopy(ref))
         ref_opt = bk.BiSAM(_groups(ref, last_rho), base, rho=rho, adaptive=adaptive, **kw)
         what = f"FSDP2 {base.__name__} adaptive={adaptive} micro_batches={micro}"
         for step, (x, y) in enumerate(_batches(4, 2 * 12)):
@@ -233,6 +239,15 @@ def _fsdp_worker(rank: int) -> None:
                 assert err <= 1e-5, f"{what}, step {step}, {name}: relative error {err:.3g}"
         local = [p.to_local() for p in model.parameters()]
         assert sum(t.numel() for t in local) < sum(p.numel() for p in ref.parameters())  # really sharded
+        # torch.distributed.checkpoint's state-dict API, into a fresh sharded model: the next step is identical
+        resumed, resumed_opt = sharded(_mlp())
+        model_sd, opt_sd = copy.deepcopy(get_state_dict(model, opt))  # (its tensors are the live ones)
+        set_state_dict(resumed, resumed_opt, model_state_dict=model_sd, optim_state_dict=opt_sd)
+        x, y = _batches(5, 2 * 12)[-1]
+        for m, o in ((model, opt), (resumed, resumed_opt)):
+            bk.bisam_step(m, o, _shard(x, rank), _shard(y, rank), micro_batches=micro)
+        for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+            assert torch.equal(p.to_local(), q.to_local()), f"{what}, resumed through get/set_state_dict: {name}"
 
 
 @pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) not available in this torch")

@@ -348,6 +348,56 @@ def test_resume_is_identical_to_an_uninterrupted_run(base_name):
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] != BASES[base_name][1]["lr"]
 
 
+@pytest.mark.parametrize("base_name", list(BASES))
+def test_torch_distributed_checkpoint_saves_and_resumes(base_name):
+    """get_state_dict / set_state_dict (torch.distributed.checkpoint's API, FSDP2's usual checkpoint path) call
+    step() with zero gradients and lr 0 to initialise a stateless optimizer's state: that is the base
+    optimizer's step (no ascent direction), not an error that left lr at 0. The resumed run is identical."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    batches = make_batches(4)
+    model = small_cnn()
+    opt, _ = _build(model, base_name)
+    for x, y in batches[:2]:
+        bk.bisam_step(model, opt, x, y)
+    model_sd, opt_sd = get_state_dict(model, opt)
+    model_sd, opt_sd = copy.deepcopy(model_sd), copy.deepcopy(opt_sd)
+    resumed = small_cnn()
+    opt2, _ = _build(resumed, base_name)
+    set_state_dict(resumed, opt2, model_state_dict=model_sd, optim_state_dict=opt_sd)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == BASES[base_name][1]["lr"]
+    for x, y in batches[2:]:
+        bk.bisam_step(model, opt, x, y)
+        bk.bisam_step(resumed, opt2, x, y)
+    for name, t in state_tensors(model).items():
+        assert torch.equal(t, state_tensors(resumed)[name]), name
+    model(batches[0][0]).sum().backward()  # a step() without a closure on real gradients still raises
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+
+def test_a_copy_taken_between_the_steps_can_still_restore():
+    """Pickled or deep-copied between first_step and second_step (a pre-emption handler saving everything),
+    the optimizer keeps its backups and warns: the copy's restore() puts back the unperturbed weights, which
+    were otherwise lost. Between full steps the backups are left out."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 4)).sum().backward()
+    opt.first_step()
+    buf = io.BytesIO()
+    with pytest.warns(UserWarning, match="between first_step"):
+        torch.save({"model": model, "opt": opt}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded["opt"].perturbed and not torch.equal(loaded["model"].weight, before[0])
+    loaded["opt"].restore()
+    assert all(torch.equal(p, b) for p, b in zip(loaded["model"].parameters(), before))
+    opt.restore()
+    assert not copy.deepcopy(opt)._backups
+
+
 def test_load_state_dict_of_the_canonical_sam_drops_backups():
     model = nn.Linear(3, 2)
     opt = bk.BiSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
