@@ -75,3 +75,11 @@ def test_bad_input():
         bk.smooth_cross_entropy(torch.randn(2, 5, 7), torch.randint(0, 5, (2, 7)))
     with pytest.raises(TypeError, match="class indices"):
         bk.smooth_cross_entropy(z, torch.softmax(z, 1))
+    with pytest.raises(TypeError, match="class indices"):  # (a bool target would read as classes 0/1)
+        bk.smooth_cross_entropy(z, y > 2)
+    with pytest.raises(TypeError, match="floating"):
+        bk.smooth_cross_entropy(z.long(), y)
+    with pytest.raises(ValueError, match="at least 2 classes"):  # the target distribution would sum to 0.9
+        bk.smooth_cross_entropy(torch.randn(4, 1), torch.zeros(4, dtype=torch.long), 0.1)
+    assert torch.equal(bk.smooth_cross_entropy(torch.randn(4, 1), torch.zeros(4, dtype=torch.long), 0.0),
+                       torch.tensor(0.0))

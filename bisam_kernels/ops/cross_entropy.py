@@ -49,15 +49,19 @@ def smooth_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing:
     a float32 result for lower-precision logits. Rows whose target is ``ignore_index`` count for nothing.
     """
     _check_common(logits, targets, smoothing, reduction)
-    if targets.is_floating_point():
-        raise TypeError("smooth_cross_entropy takes class indices as targets (int64 or int32), not probabilities")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"smooth_cross_entropy takes class indices as targets (int64 or int32), got {targets.dtype}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
     K = logits.shape[-1]
+    if K == 1 and smoothing > 0:  # s / (K - 1) on no other class: the target distribution would sum to 1 - s
+        raise ValueError(f"label smoothing {smoothing} needs at least 2 classes in the released style, got 1")
     z, t = _rows(logits, targets)
     acc = accumulate_dtype(logits.dtype)
     valid = t != ignore_index
     log_p = torch.log_softmax(z.to(acc), dim=-1)
     log_p_y = log_p.gather(1, torch.where(valid, t, 0).long().unsqueeze(1)).squeeze(1)
-    on_target, off_target = 1.0 - smoothing, (smoothing / (K - 1) if K > 1 else 0.0)
+    on_target, off_target = 1.0 - smoothing, (smoothing / (K - 1) if K > 1 else 0.0)  # (K = 1: smoothing 0)
 
     def xlogx(x: float) -> float:
         return x * math.log(x) if x > 0 else 0.0
