@@ -157,6 +157,23 @@ def test_missing_labels_and_an_unknown_task_are_named(tmp_path):
         _trainer(TinyClassifier(), unlabelled, tmp_path).train()
 
 
+def test_models_and_labels_the_losses_do_not_fit_are_refused(tmp_path):
+    """Single-label losses only: an encoder-decoder (its decoder inputs come from the labels, which the step
+    takes out), a multi-label or regression problem type, and float labels are named, not trained wrongly."""
+    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        _trainer(bart, _lm_data(), tmp_path)
+    multi_label = TinyClassifier()
+    multi_label.config = transformers.PretrainedConfig(problem_type="multi_label_classification")
+    with pytest.raises(ValueError, match="problem_type is 'multi_label_classification'"):
+        _trainer(multi_label, _classification_data(), tmp_path)
+    soft = [dict(row, labels=torch.nn.functional.one_hot(row["labels"], 5).float()) for row in _classification_data()]
+    with pytest.raises(ValueError, match="labels are torch.float32"):
+        _trainer(TinyClassifier(), soft, tmp_path, dict(ascent_loss="cross_entropy")).train()
+
+
 def test_a_causal_lm_as_classification_and_compute_loss_func_are_refused(tmp_path):
     with pytest.raises(ValueError, match="looks like a causal language model: pass task='causal_lm'"):
         _trainer(_tiny_gpt2(), _lm_data(), tmp_path)
@@ -184,6 +201,24 @@ def test_fused_head_follows_the_materialised_trainer(tmp_path, ascent_loss, monk
     assert_models_close(fused, model, 1e-5)
     with pytest.raises(ValueError, match="fused_head=True needs task='causal_lm'"):
         _trainer(TinyClassifier(), _classification_data(), tmp_path, dict(fused_head=True))
+
+
+def test_fused_head_runs_the_decoder_in_bf16_with_the_trainer(tmp_path):
+    """bf16=True: Accelerate's autocast wraps the model's own forward only; the fused head runs the model's base
+    (and the fused losses) under the same autocast, so it follows the materialised bf16 Trainer, not fp32."""
+    model, data = _tiny_gpt2(), _lm_data()
+    fused, fused_fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    options = dict(task="causal_lm", label_smoothing=0.1)
+    _trainer(model, data, tmp_path / "materialised", options, bf16=True, num_train_epochs=1).train()
+    _trainer(fused, data, tmp_path / "fused", dict(options, fused_head=True), bf16=True, num_train_epochs=1).train()
+    _trainer(fused_fp32, data, tmp_path / "fp32", dict(options, fused_head=True), num_train_epochs=1).train()
+
+    def gap(a, b):
+        return max((w - b.state_dict()[n]).abs().max().item() for n, w in a.state_dict().items()
+                   if w.is_floating_point())
+
+    assert gap(fused, model) <= 1e-6  # (0 here: the same bf16 matmuls)
+    assert gap(fused_fp32, model) > 1e-5  # the test tells bf16 from fp32 apart (8e-5 without the fix)
 
 
 _DECODER = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

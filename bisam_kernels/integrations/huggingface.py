@@ -102,8 +102,8 @@ class BiSAMTrainer(transformers.Trainer):
 
     AMP is the Trainer's ``bf16=True``. Refused, with the setting named: ``fp16=True`` (its GradScaler steps
     inside the Trainer's optimizer step, after SAM's two passes), ``gradient_accumulation_steps > 1`` (use
-    ``micro_batches``), ``max_grad_norm > 0`` (the Trainer clips after the optimizer step, where BiSAM has
-    already stepped), ``compute_loss_func`` (use ``ascent_loss=`` / ``loss_fn=``), and a causal language model
+    ``micro_batches``), ``max_grad_norm > 0`` (the Trainer clips after the training step, where BiSAM has
+    already stepped and zeroed the gradients), ``compute_loss_func`` (use ``ascent_loss=`` / ``loss_fn=``), and a causal language model
     (``*ForCausalLM``, ``*LMHeadModel``) with ``task="classification"``. The Trainer's logged ``loss`` is pass 2's
     (at ``w + e``); its logged ``grad_norm`` is 0: the BiSAM step consumes and zeroes the gradients before the
     Trainer looks (``BiSAMStepOutput.ascent_norm`` is the pass-1 norm).
@@ -123,7 +123,7 @@ class BiSAMTrainer(transformers.Trainer):
              f"gradient_accumulation_steps={settings.gradient_accumulation_steps}: use BiSAMTrainer(micro_batches=k) "
              "(SAM needs every micro-batch in both passes)"),
             (settings.max_grad_norm > 0, f"max_grad_norm={settings.max_grad_norm}: set TrainingArguments(max_grad_norm=0) "
-                                         "(the Trainer clips after the optimizer step, where BiSAM has already stepped)"),
+                                         "(the Trainer clips after the training step, where BiSAM has already stepped)"),
         ):
             if refused:
                 raise ValueError(f"BiSAMTrainer does not support TrainingArguments {why}")
@@ -131,6 +131,15 @@ class BiSAMTrainer(transformers.Trainer):
             raise ValueError("BiSAMTrainer does not use compute_loss_func: pass the losses as ascent_loss= (pass 1) and "
                              "loss_fn= (pass 2), callables (logits, targets) -> loss")
         model_class = type(self.model).__name__
+        config = getattr(self.model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"{model_class} is an encoder-decoder model: BiSAMTrainer supports classifiers and causal "
+                             "LMs (the labels are taken out of the batch, so its decoder inputs would not be built "
+                             "from them)")
+        problem_type = getattr(config, "problem_type", None)
+        if task == "classification" and problem_type in ("regression", "multi_label_classification"):
+            raise ValueError(f"the model's problem_type is {problem_type!r}: BiSAMTrainer's losses are single-label "
+                             "(class indices); pass ascent_loss= and loss_fn= callables for other losses")
         if task == "classification" and (model_class.endswith("ForCausalLM") or model_class.endswith("LMHeadModel")):
             raise ValueError(f"{model_class} looks like a causal language model: pass task='causal_lm' (its labels are "
                              "the next tokens; task='classification' would train it to copy the current token)")
@@ -169,6 +178,9 @@ class BiSAMTrainer(transformers.Trainer):
         inputs = dict(self._prepare_inputs(inputs))
         if "labels" not in inputs:
             raise ValueError(f"BiSAMTrainer needs the batch's 'labels'; the batch has {sorted(inputs)}")
+        if inputs["labels"].is_floating_point() and "loss_fn" not in self.bisam_step_options:
+            raise ValueError(f"the batch's labels are {inputs['labels'].dtype}: BiSAMTrainer's losses take class indices "
+                             "(multi-label or soft targets need ascent_loss= and loss_fn= callables)")
         out = self.bisam_step(model, inputs)
         return out.loss
 
@@ -184,6 +196,8 @@ class BiSAMTrainer(transformers.Trainer):
             stepped = _Logits(model, lambda out: _scaled(out.last_hidden_state[:, :-1], scale),
                               call=lambda m, i: m.base_model(**i))
             head = {"head": model.get_output_embeddings()}
+            if self.args.bf16:  # Accelerate's autocast wraps the model's own forward only, not its base's
+                head["autocast_dtype"] = torch.bfloat16
         else:
             stepped, head = _Logits(model, self.loss_inputs), {}
         return bisam_step(
