@@ -395,12 +395,17 @@ class BiSAM(torch.optim.Optimizer):
             k: {n: v for n, v in s.items() if n != "old_p"} for k, s in state_dict.get("state", {}).items()
         }
         state_dict["state"] = {k: s for k, s in state_dict["state"].items() if s}
+        held_rhos = [group["rho"] for group in self.param_groups]
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        for group in self.param_groups:
+        for group, held in zip(self.param_groups, held_rhos):
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("adaptive", self.defaults["adaptive"])
+            if isinstance(held, torch.Tensor):  # the caller's rho tensor stays the one in use (and schedulable),
+                with torch.no_grad():           # holding the loaded value
+                    held.copy_(torch.as_tensor(group["rho"]).reshape(held.shape))
+                group["rho"] = held
         for i, group in enumerate(self.param_groups):
             _check_group(group, f"param group {i}")
         for hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -398,6 +398,25 @@ def test_a_copy_taken_between_the_steps_can_still_restore():
     assert not copy.deepcopy(opt)._backups
 
 
+def test_a_scheduled_rho_tensor_stays_in_use_after_load_state_dict():
+    """Frameworks build the optimizer, then restore it (Lightning's ckpt_path=): the rho tensor the user
+    schedules must stay the group's, holding the saved value, or its later updates would silently be ignored."""
+    model = nn.Linear(3, 2)
+    saved = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=torch.tensor([0.3]), lr=0.1).state_dict()
+    rho = torch.tensor([0.05])
+    opt = bk.BiSAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["rho"] is rho and rho.item() == pytest.approx(0.3)
+    rho.fill_(0.7)  # the schedule goes on through the same tensor
+    model(torch.randn(4, 3)).sum().backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt.first_step()
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - w
+    assert moved.norm().item() == pytest.approx(0.7, rel=1e-5) and g.norm() > 0
+    opt.restore()
+
+
 def test_load_state_dict_of_the_canonical_sam_drops_backups():
     model = nn.Linear(3, 2)
     opt = bk.BiSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
