@@ -113,16 +113,24 @@ def test_trainer_follows_the_plain_bisam_step_loop(tmp_path, task, step_options)
     assert_models_close(model, plain, 1e-6)  # weights and BatchNorm statistics
 
 
+def _largest_relative_gap(ours: nn.Module, ref: nn.Module) -> float:
+    return max(((w.double() - ref.state_dict()[n].double()).norm() / ref.state_dict()[n].double().norm().clamp_min(1e-30)).item()
+               for n, w in ours.state_dict().items() if w.is_floating_point())
+
+
 def test_bf16_autocast_comes_from_the_trainer_settings(tmp_path):
+    """bf16=True runs both passes in bf16: the blocks' outputs are bf16, and the run follows the plain bf16 loop,
+    not the fp32 one. (Not bit for bit: the Trainer's batches reach oneDNN's bf16 matmuls in another layout,
+    and a last-bit difference grows over the steps: up to 6% of the bf16-fp32 gap over 8 seeds.)"""
     model, data = _tiny_gpt2(), _lm_data()
     plain_bf16, plain_fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    dtypes = set()
+    model.transformer.h[0].mlp.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     _trainer(model, data, tmp_path, dict(task="causal_lm"), bf16=True, num_train_epochs=1).train()
+    assert dtypes == {torch.bfloat16}
     _plain_loop(plain_bf16, data, 1, True, autocast_dtype=torch.bfloat16)
     _plain_loop(plain_fp32, data, 1, True)
-    assert_models_close(model, plain_bf16, 1e-6)
-    gap = max((w - plain_fp32.state_dict()[n]).abs().max().item() for n, w in model.state_dict().items()
-              if w.is_floating_point())
-    assert gap > 1e-5  # the Trainer's bf16=True did run the passes in bf16
+    assert _largest_relative_gap(model, plain_bf16) <= 0.25 * _largest_relative_gap(model, plain_fp32)
 
 
 def test_resume_from_a_trainer_checkpoint_continues_exactly(tmp_path):
@@ -213,12 +221,8 @@ def test_fused_head_runs_the_decoder_in_bf16_with_the_trainer(tmp_path):
     _trainer(fused, data, tmp_path / "fused", dict(options, fused_head=True), bf16=True, num_train_epochs=1).train()
     _trainer(fused_fp32, data, tmp_path / "fp32", dict(options, fused_head=True), num_train_epochs=1).train()
 
-    def gap(a, b):
-        return max((w - b.state_dict()[n]).abs().max().item() for n, w in a.state_dict().items()
-                   if w.is_floating_point())
-
-    assert gap(fused, model) <= 1e-6  # (0 here: the same bf16 matmuls)
-    assert gap(fused_fp32, model) > 1e-5  # the test tells bf16 from fp32 apart (8e-5 without the fix)
+    # bf16 like the materialised run (0 here: the same bf16 matmuls), not fp32 (the two gaps were equal before)
+    assert _largest_relative_gap(fused, model) <= 0.25 * _largest_relative_gap(fused_fp32, model)
 
 
 _DECODER = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
