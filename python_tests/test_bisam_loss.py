@@ -301,6 +301,22 @@ def test_non_contiguous_and_nd_logits(backend, layout):
     assert loss.shape == t.shape and grad.shape == z.shape
 
 
+@pytest.mark.parametrize("mu, alpha", [(1e4, 1e-3), (1e4, 1e-4), (1e5, 1e-5)])
+def test_tanh_with_a_large_mu_and_a_small_slope(backend, mu, alpha):
+    """phi = tanh(alpha F) near 0, scaled by a large mu: float32 accuracy of the gradient (relative to its largest
+    entry) as good as PyTorch's own float32. tanh as (1 - u) / (1 + u) cancels there: 6e-4 before the series."""
+    device, ctx = backend
+    z, t = make_inputs(8, 100, device, scale=1.0, ignored=0.0)
+    _, ref = reference(z, t, phi="tanh", mu=mu, alpha=alpha, reduction="mean")
+    with ctx:
+        _, grad = run(z, t, phi="tanh", mu=mu, alpha=alpha)
+    leaf = z.detach().cpu().clone().requires_grad_()
+    bisam_loss_eager(leaf, t.cpu(), "tanh", mu, alpha).backward()
+    def error(g):
+        return ((g.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+    assert error(grad) <= max(2 * error(leaf.grad), 1e-6)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_strided_targets_and_self_overlapping_logits(backend, inplace):
     """Targets that are a strided view; logits whose rows share memory (expanded): no in-place write
