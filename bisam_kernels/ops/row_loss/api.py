@@ -18,13 +18,15 @@ def _check_scalar(name: str, value, positive: bool) -> float:
             isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not abs(value) <= _FLOAT32_MAX or (positive and not value > 0):  # (NaN fails both comparisons)
+    if not abs(value) <= _SCALE_MAX or (positive and not value > 0):  # (NaN fails both comparisons)
         raise ValueError(f"{name} must be finite{' and positive' if positive else ''} and at most "
-                         f"{_FLOAT32_MAX:.4g} (the kernels compute in float32), got {value!r}")
+                         f"{_SCALE_MAX:g}, got {value!r}")
     return value
 
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
+# mu, alpha and (for tanh) mu * alpha scale float32 sums and gradients: up to 1e30 they, a sum of their terms
+# over many rows, and the kernels' 4 * alpha stay finite (near float32's 3.4e38 they gave NaN or inf).
+_SCALE_MAX = 1e30
 
 
 def _check_options(phi, mu, alpha, reduction, ignore_index) -> tuple[float, float, int]:
@@ -36,7 +38,10 @@ def _check_options(phi, mu, alpha, reduction, ignore_index) -> tuple[float, floa
     if type(ignore_index) is not int and (
             isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt))):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return _check_scalar("mu", mu, True), _check_scalar("alpha", alpha, True), int(ignore_index)
+    mu, alpha = _check_scalar("mu", mu, True), _check_scalar("alpha", alpha, True)
+    if phi == "tanh" and not mu * alpha <= _SCALE_MAX:
+        raise ValueError(f"mu * alpha (the tanh loss's gradient scale) must be at most {_SCALE_MAX:g}, got {mu * alpha!r}")
+    return mu, alpha, int(ignore_index)
 
 
 def _check_inputs(logits, targets, phi, mu, alpha, reduction, ignore_index):
