@@ -198,6 +198,27 @@ def test_bfloat16_weight_gradient_over_many_chunks(backend, loss):
     assert errors[None].mean() >= 1.25 * errors[torch.float32].mean(), "the rounding per chunk was not exercised"
 
 
+@pytest.mark.parametrize("smoothing", [1.0, 0.999])
+def test_label_smoothing_near_one_keeps_the_target_gradient_accurate(backend, smoothing):
+    """With s -> 1 the target's logit gradient p_y - s / V - (1 - s) is of order 1 / V: formed from 1 - p_y it
+    cancelled (error ~ V 2^-24; 9.9e-5 of the weight gradient at V = 4096 before), from p_y it does not."""
+    device, ctx = backend
+    hidden = (torch.randn(4, 8, dtype=torch.float64) * 0.3).float().to(device)
+    weight = (torch.randn(4096, 8, dtype=torch.float64) / 8 ** 0.5).float().to(device)
+    t = torch.randint(0, 4096, (4,), device=device)
+    w64 = weight.detach().double().cpu().requires_grad_()
+    ref, = torch.autograd.grad(F.cross_entropy(hidden.double().cpu() @ w64.t(), t.cpu(), label_smoothing=smoothing), w64)
+    w32 = weight.detach().clone().requires_grad_()
+    pytorch, = torch.autograd.grad(F.cross_entropy(hidden @ w32.t(), t, label_smoothing=smoothing), w32)
+    leaf = weight.detach().clone().requires_grad_()
+    with ctx:
+        ours, = torch.autograd.grad(bk.fused_linear_cross_entropy(hidden, leaf, t, label_smoothing=smoothing), leaf)
+
+    def error(g):
+        return ((g.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+    assert error(ours) <= max(2 * error(pytorch), 1e-6)
+
+
 def test_float16_mean_gradient_survives_many_rows(backend):
     """float16's mean applies 1 / count after the matmuls: with 2000 rows the logits' gradients (p / N)
     would flush to zero in float16 if it were applied first."""

@@ -86,13 +86,10 @@ def test_every_kernel_configuration_compiles_for_sm90(tmp_path):
 
     triton = pytest.importorskip("triton")
     # No spills with Triton >= 3.8 (pinned). Triton 3.6 (its code generation and bundled ptxas 12.8)
-    # spills in two configurations, tolerated there for them alone: 24 bytes in the first, stored in the
-    # prologue and reloaded between the two column loops, outside both; 8 bytes in the second (cross-
-    # entropy over at most 16 classes, 128 registers: the smoothing statistic's), which no
-    # language-model vocabulary reaches.
+    # spills 24 bytes in one configuration, tolerated there for it alone: stored in the prologue and
+    # reloaded between the two column loops, outside both.
     old_triton = major_minor(triton.__version__) < (3, 8)
-    tolerated = {"_bisam_loss_kernel[ROWS=1, BLOCK_K=4096, SINGLE=False, PHI=1, warps=16] fp32/i32 unaligned": 32,
-                 "_bisam_loss_kernel[ROWS=128, BLOCK_K=16, SINGLE=True, PHI=2, warps=8] fp32/i32 unaligned": 8}
+    tolerated = {"_bisam_loss_kernel[ROWS=1, BLOCK_K=4096, SINGLE=False, PHI=1, warps=16] fp32/i32 unaligned": 32}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a fresh cache: the compiler really runs
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -86,8 +86,10 @@ def composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wan
         c = e.addcmul_(e, th.square_(), value=-1.0)
     else:  # e * sigmoid(GAMMA - F)
         c = e.mul_(t_.sigmoid_())
+    e_y = c.gather(1, idx).squeeze(1) if smoothing else None  # (identity phi: c is e)
     c.scatter_(1, idx, 0.0)  # c_j = e_j phi'(F_j) / dscale for j != y
     W = c.sum(dim=1)
+    small_py = W > 0.5 * S if smoothing else None  # p_y < 1/2 (W becomes the target's gradient below)
     stats = torch.stack([lse, W / S * dscale]) if want_stats else None
     if not want_grad:
         return loss, None, count, stats
@@ -101,7 +103,11 @@ def composite_rows(z, t, phi, mu, alpha, ignore_index, out_scale, row_scale, wan
     g = c.mul_(coef.unsqueeze(1))
     if smoothing:  # coef * S: the row's factor without the softmax normalisation
         smooth = coef * S * (smoothing / K)
+        # The target's p_y - s / K - (1 - s): from 1 - p_y (W) where p_y >= 1/2, from p_y itself below, where
+        # s - (1 - p_y) would cancel as s -> 1 (its error grew as K 2^-24).
+        from_py = (e_y * coef - smooth) - coef * S * (1.0 - smoothing)
         gy.add_(coef * S * smoothing - smooth)
+        gy = torch.where(small_py, from_py, gy)
         g.sub_(smooth.unsqueeze(1))
     g.scatter_(1, idx, gy.unsqueeze(1))
     if dead is not None:  # (also for non-finite logits in those rows)

@@ -186,6 +186,10 @@ if triton is not None:
         if PHI == 2:
             smooth = coef * (smoothing / K)  # the smoothing term on every column (0 without smoothing)
             gy = gy + smoothing * coef - smooth
+            # Where p_y < 1/2, the target's p_y - s / K - (1 - s) from p_y = exp(-lse) (s_y = 0) instead: the
+            # form from 1 - p_y above cancels there as s -> 1 (its error grew as K 2^-24). Per row: no tile work.
+            from_py = (coef * tl.exp(-lse) - smooth) - coef * (1.0 - smoothing)
+            gy = tl.where(ws > 0.5, from_py, gy)
         g_rows = g_ptr + rows64 * g_stride
         if SINGLE:
             g = c * (coef / S)[:, None]
