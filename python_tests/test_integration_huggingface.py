@@ -165,21 +165,38 @@ def test_missing_labels_and_an_unknown_task_are_named(tmp_path):
         _trainer(TinyClassifier(), unlabelled, tmp_path).train()
 
 
-def test_models_and_labels_the_losses_do_not_fit_are_refused(tmp_path):
-    """Single-label losses only: an encoder-decoder (its decoder inputs come from the labels, which the step
-    takes out), a multi-label or regression problem type, and float labels are named, not trained wrongly."""
-    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16))
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        _trainer(bart, _lm_data(), tmp_path)
-    multi_label = TinyClassifier()
-    multi_label.config = transformers.PretrainedConfig(problem_type="multi_label_classification")
+def test_models_the_built_in_losses_do_not_fit_are_refused(tmp_path):
+    """A sequence-to-sequence LM (its decoder inputs come from the labels, which the step takes out) and a
+    multi-label or regression problem type without the user's own losses are named, not trained wrongly; an
+    encoder-decoder classifier, a multi-label model with its own losses, and soft (float) labels through the
+    built-in cross-entropy train."""
+    bart = dict(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16)
+    with pytest.raises(ValueError, match="sequence-to-sequence LM"):
+        _trainer(transformers.BartForConditionalGeneration(transformers.BartConfig(**bart)), _lm_data(), tmp_path)
+    classifier = transformers.BartForSequenceClassification(transformers.BartConfig(**bart, num_labels=5))
+    eos = classifier.config.eos_token_id  # (its classification head reads the one end-of-sequence token)
+    ids = [{"input_ids": torch.cat([torch.where(row["input_ids"][:-1] == eos, eos + 1, row["input_ids"][:-1]),
+                                    torch.tensor([eos])]), "labels": row["input_ids"][0] % 5} for row in _lm_data()]
+    _trainer(classifier, ids, tmp_path / "bart", dict(ascent_loss="cross_entropy"), num_train_epochs=1).train()
+
+    def multi_label():
+        model = TinyClassifier()
+        model.config = transformers.PretrainedConfig(problem_type="multi_label_classification")
+        return model
+
     with pytest.raises(ValueError, match="problem_type is 'multi_label_classification'"):
-        _trainer(multi_label, _classification_data(), tmp_path)
-    soft = [dict(row, labels=torch.nn.functional.one_hot(row["labels"], 5).float()) for row in _classification_data()]
-    with pytest.raises(ValueError, match="labels are torch.float32"):
-        _trainer(TinyClassifier(), soft, tmp_path, dict(ascent_loss="cross_entropy")).train()
+        _trainer(multi_label(), _classification_data(), tmp_path)
+    bce = lambda z, y: nn.functional.binary_cross_entropy_with_logits(z, y)  # noqa: E731
+    multi_hot = [dict(row, labels=(torch.rand(5) < 0.4).float()) for row in _classification_data()]
+    _trainer(multi_label(), multi_hot, tmp_path / "bce", dict(ascent_loss=bce, loss_fn=bce), num_train_epochs=1).train()
+
+    hard, soft = TinyClassifier(), TinyClassifier()
+    soft.load_state_dict(hard.state_dict())
+    one_hot = [dict(row, labels=nn.functional.one_hot(row["labels"], 5).float()) for row in _classification_data()]
+    _trainer(hard, _classification_data(), tmp_path / "hard", dict(ascent_loss="cross_entropy")).train()
+    _trainer(soft, one_hot, tmp_path / "soft", dict(ascent_loss="cross_entropy")).train()
+    assert_models_close(soft, hard, 1e-6)
 
 
 def test_a_causal_lm_as_classification_and_compute_loss_func_are_refused(tmp_path):

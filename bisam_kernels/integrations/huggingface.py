@@ -132,14 +132,15 @@ class BiSAMTrainer(transformers.Trainer):
                              "loss_fn= (pass 2), callables (logits, targets) -> loss")
         model_class = type(self.model).__name__
         config = getattr(self.model, "config", None)
-        if getattr(config, "is_encoder_decoder", False):
-            raise ValueError(f"{model_class} is an encoder-decoder model: BiSAMTrainer supports classifiers and causal "
-                             "LMs (the labels are taken out of the batch, so its decoder inputs would not be built "
-                             "from them)")
+        if getattr(config, "is_encoder_decoder", False) and self.model.get_output_embeddings() is not None:
+            raise ValueError(f"{model_class} is a sequence-to-sequence LM: BiSAMTrainer supports classifiers (encoder-"
+                             "decoder ones included) and causal LMs (the labels are taken out of the batch, so its "
+                             "decoder inputs would not be built from them)")
         problem_type = getattr(config, "problem_type", None)
-        if task == "classification" and problem_type in ("regression", "multi_label_classification"):
-            raise ValueError(f"the model's problem_type is {problem_type!r}: BiSAMTrainer's losses are single-label "
-                             "(class indices); pass ascent_loss= and loss_fn= callables for other losses")
+        if (task == "classification" and problem_type in ("regression", "multi_label_classification")
+                and "loss_fn" not in step_options):
+            raise ValueError(f"the model's problem_type is {problem_type!r}: BiSAMTrainer's built-in losses are "
+                             "single-label; pass ascent_loss= and loss_fn= callables for this problem's loss")
         if task == "classification" and (model_class.endswith("ForCausalLM") or model_class.endswith("LMHeadModel")):
             raise ValueError(f"{model_class} looks like a causal language model: pass task='causal_lm' (its labels are "
                              "the next tokens; task='classification' would train it to copy the current token)")
@@ -178,9 +179,6 @@ class BiSAMTrainer(transformers.Trainer):
         inputs = dict(self._prepare_inputs(inputs))
         if "labels" not in inputs:
             raise ValueError(f"BiSAMTrainer needs the batch's 'labels'; the batch has {sorted(inputs)}")
-        if inputs["labels"].is_floating_point() and "loss_fn" not in self.bisam_step_options:
-            raise ValueError(f"the batch's labels are {inputs['labels'].dtype}: BiSAMTrainer's losses take class indices "
-                             "(multi-label or soft targets need ascent_loss= and loss_fn= callables)")
         out = self.bisam_step(model, inputs)
         return out.loss
 
