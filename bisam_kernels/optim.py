@@ -345,7 +345,7 @@ class BiSAM(torch.optim.Optimizer):
         if closure is None:
             # Called by second_step (directly or through GradScaler.step); or with every gradient zero, where
             # there is no ascent direction and SAM's step is the base optimizer's (torch.distributed.checkpoint's
-            # get_state_dict / set_state_dict initialise an optimizer's state so; the check syncs, once).
+            # get_state_dict / set_state_dict initialise an optimizer's state so; the check syncs per gradient).
             if self._stepping_base or self._gradients_are_zero():
                 return self.base_optimizer.step()
             raise RuntimeError(

@@ -640,16 +640,19 @@ def test_bad_input(backend, kwargs, error, match):
         bk.bisam_loss(**args)
 
 
-@pytest.mark.parametrize("view", [False, True])
-def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend, view):
+@pytest.mark.parametrize("form", ["leaf", "view of a leaf", "leaf that is a view"])
+def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend, form):
     """Its values, or those of the leaf it views, would become its own gradient (PyTorch refuses in-place
-    operations on such leaves and their views)."""
+    operations on such leaves and their views, even where this call would skip the write)."""
     device, ctx = backend
     z, t = make_inputs(4, 5, device)
-    leaf = z.clone().requires_grad_()
+    if form == "leaf that is a view":  # a leaf whose _base does not require grad
+        leaf = z.clone().reshape(20).view(4, 5).requires_grad_()
+    else:
+        leaf = z.clone().requires_grad_()
     before = leaf.detach().clone()
     with ctx, pytest.raises(RuntimeError, match="leaf that requires grad"):
-        bk.bisam_loss(leaf.view(4, 5) if view else leaf, t, inplace_backward=True)
+        bk.bisam_loss(leaf.view(4, 5) if form == "view of a leaf" else leaf, t, inplace_backward=True)
     assert torch.equal(leaf.detach(), before)
 
 

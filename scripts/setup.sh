@@ -8,7 +8,9 @@ venv="${BISAM_VENV:-$repo/.venv}"
 if [ ! -x "$venv/bin/python" ]; then
   # The pinned torch (a CUDA build) and the rest take about 6 GiB: say so now, not as a pip OSError.
   need_kib=$((7 * 1024 * 1024))
-  free_kib="$(df -Pk "$(dirname "$venv")" | awk 'NR == 2 { print $4 }')"
+  probe="$(dirname "$venv")"
+  while [ ! -d "$probe" ]; do probe="$(dirname "$probe")"; done  # (venv creates the missing folders)
+  free_kib="$(df -Pk "$probe" | awk 'NR == 2 { print $4 }')"
   if [ "$free_kib" -lt "$need_kib" ]; then
     echo "set-up needs about 7 GiB free for $venv; $((free_kib / 1024)) MiB are free there." \
       "Free some space, or point BISAM_VENV at a disk with room." >&2

@@ -121,7 +121,7 @@ def bisam_loss(
     t = targets.reshape(-1)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     base = logits if logits._base is None else logits._base
-    if inplace_backward and needs_grad and base.is_leaf and base.requires_grad:
+    if inplace_backward and needs_grad and (logits.is_leaf or (base.is_leaf and base.requires_grad)):
         raise RuntimeError("inplace_backward=True would overwrite a leaf that requires grad (or a view of one) with "
                            "its own gradient (as PyTorch refuses in-place operations on such leaves): pass logits "
                            "computed by the model, or inplace_backward=False")
