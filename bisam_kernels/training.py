@@ -73,7 +73,7 @@ _ASCENT_LOSSES = ("log", "tanh", "cross_entropy")
 
 
 def _builtin_loss(name: str, reduction: str, mu: float, alpha: float, label_smoothing: float, smoothing_style: str,
-                  ignore_index: int, head: nn.Module | None):
+                  ignore_index: int, head: nn.Module | None, accum_dtype: torch.dtype | None = None):
     """The built-in losses, all with the classes last ((..., K) logits, as bisam_loss takes them). With a
     head, they take the hidden states and run the fused linear losses over head.weight / head.bias (read at
     each call: pass 2 sees the perturbed weights)."""
@@ -88,9 +88,9 @@ def _builtin_loss(name: str, reduction: str, mu: float, alpha: float, label_smoo
         if name == "cross_entropy":
             return lambda h, y: fused_linear_cross_entropy(hidden_states(h), head.weight, y,
                                                            getattr(head, "bias", None), label_smoothing, reduction,
-                                                           ignore_index)
+                                                           ignore_index, accum_dtype=accum_dtype)
         return lambda h, y: fused_linear_bisam_loss(hidden_states(h), head.weight, y, getattr(head, "bias", None),
-                                                    name, mu, alpha, reduction, ignore_index)
+                                                    name, mu, alpha, reduction, ignore_index, accum_dtype=accum_dtype)
     if name == "cross_entropy":
         return lambda z, y: cross_entropy(z, y, label_smoothing, smoothing_style, reduction, ignore_index)
     return lambda z, y: bisam_loss(z, y, phi=name, mu=mu, alpha=alpha, reduction=reduction, ignore_index=ignore_index)
@@ -162,6 +162,7 @@ def bisam_step(
     sync_first_pass: bool = False,
     freeze_bn: bool = True,
     head: nn.Module | None = None,
+    accum_dtype: torch.dtype | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> BiSAMStepOutput:
@@ -204,6 +205,8 @@ def bisam_step(
             :func:`bisam_kernels.fused_linear_cross_entropy`: the ``(..., V)`` logits are never
             materialised (label smoothing in the ``"pytorch"`` style only; class-index targets only). A
             callable loss receives the hidden states.
+        accum_dtype: with ``head``, the fused losses' ``accum_dtype``: ``torch.float32`` sums a bfloat16 head's
+            weight gradient in float32 over the chunks (their error otherwise grows with the chunk count).
         backward: how a pass's (micro-batch) loss is back-propagated; default ``scaler.scale(loss).backward()``
             (``loss.backward()`` without a scaler). For training frameworks that own the backward (Lightning's
             ``manual_backward``): it must apply the loss scaling of ``scaler`` itself; ``scaler`` is then used
@@ -225,6 +228,8 @@ def bisam_step(
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.dim() == 0:
         raise ValueError("targets must have a batch dimension, got a 0-dim tensor")
+    if accum_dtype is not None and head is None:
+        raise ValueError("accum_dtype applies to the fused linear losses of the language-model form (head=) only")
     if label_smoothing_style not in SMOOTHING_STYLES:
         raise ValueError(f"label_smoothing_style must be one of {SMOOTHING_STYLES}, got {label_smoothing_style!r}")
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -234,6 +239,8 @@ def bisam_step(
                             f"{type(head).__name__}")
         if label_smoothing_style != "pytorch":
             raise ValueError("the language-model form (head=) supports label_smoothing_style='pytorch' only")
+        if accum_dtype is not None and accum_dtype != torch.float32:
+            raise ValueError(f"accum_dtype must be None or torch.float32, got {accum_dtype!r}")
         if id(head.weight) not in optimized:
             raise ValueError("head.weight is not among the optimizer's parameters: pass the model's own output "
                              "projection (e.g. head=model.lm_head), whose parameters the optimizer updates")
@@ -256,8 +263,8 @@ def bisam_step(
         reduction, per_row = "sum", [1.0 / n_valid] * micro_batches
 
     def builtin(name):
-        return (_builtin_loss(name, reduction, mu, alpha, label_smoothing, label_smoothing_style, ignore_index, head),
-                per_row)
+        return (_builtin_loss(name, reduction, mu, alpha, label_smoothing, label_smoothing_style, ignore_index, head,
+                              accum_dtype), per_row)
 
     loss2, w2 = builtin("cross_entropy") if loss_fn is None else (loss_fn, fractions)
     if isinstance(ascent_loss, str):

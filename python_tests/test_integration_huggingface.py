@@ -226,6 +226,8 @@ def test_fused_head_follows_the_materialised_trainer(tmp_path, ascent_loss, monk
     assert_models_close(fused, model, 1e-5)
     with pytest.raises(ValueError, match="fused_head=True needs task='causal_lm'"):
         _trainer(TinyClassifier(), _classification_data(), tmp_path, dict(fused_head=True))
+    with pytest.raises(ValueError, match="accum_dtype .* needs fused_head=True"):
+        _trainer(_tiny_gpt2(), data, tmp_path, dict(options, accum_dtype=torch.float32))
 
 
 def test_fused_head_runs_the_decoder_in_bf16_with_the_trainer(tmp_path):
@@ -240,6 +242,10 @@ def test_fused_head_runs_the_decoder_in_bf16_with_the_trainer(tmp_path):
 
     # bf16 like the materialised run (0 here: the same bf16 matmuls), not fp32 (the two gaps were equal before)
     assert _largest_relative_gap(fused, model) <= 0.25 * _largest_relative_gap(fused_fp32, model)
+    accumulated = copy.deepcopy(fused_fp32)  # (any weights: only that the option reaches the step is checked)
+    _trainer(accumulated, data, tmp_path / "accum", dict(options, fused_head=True, accum_dtype=torch.float32),
+             bf16=True, max_steps=1).train()
+    assert all(torch.isfinite(p).all() for p in accumulated.parameters())
 
 
 _DECODER = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -76,3 +76,31 @@ def test_head_form_errors():
         bk.bisam_step(model, opt, x, y, head=nn.Linear(H, V))
     with pytest.raises(ValueError, match="must return hidden states .*still apply the head"):
         bk.bisam_step(model, opt, x, y, head=model.head)  # the model returns logits (return_hidden is False)
+    with pytest.raises(ValueError, match=r"language-model form \(head=\) only"):
+        bk.bisam_step(model, opt, x, y, accum_dtype=torch.float32)
+    with pytest.raises(ValueError, match="accum_dtype must be None or torch.float32"):
+        bk.bisam_step(model, opt, x, y, head=model.head, accum_dtype=torch.float64)
+
+
+def test_head_form_passes_accum_dtype_to_both_fused_losses(monkeypatch):
+    """accum_dtype=torch.float32 reaches both passes' fused losses (a bfloat16 head's weight gradient is then
+    summed in float32 over the chunks); the step is otherwise the default one."""
+    import bisam_kernels.training as training
+
+    seen = []
+    for name in ("fused_linear_bisam_loss", "fused_linear_cross_entropy"):
+        original = getattr(training, name)
+        monkeypatch.setattr(training, name, lambda *a, _f=original, _n=name, **k: seen.append((_n, k.get("accum_dtype")))
+                            or _f(*a, **k))
+    torch.manual_seed(0)
+    default = TinyLM(False, True)
+    default.return_hidden = True
+    accumulated = copy.deepcopy(default)
+    opts = [bk.BiSAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1) for m in (default, accumulated)]
+    x, y = batch(0)
+    bk.bisam_step(default, opts[0], x, y, head=default.head)
+    bk.bisam_step(accumulated, opts[1], x, y, head=accumulated.head, accum_dtype=torch.float32)
+    assert seen == [("fused_linear_bisam_loss", None), ("fused_linear_cross_entropy", None),
+                    ("fused_linear_bisam_loss", torch.float32), ("fused_linear_cross_entropy", torch.float32)]
+    for p, q in zip(default.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)  # float32 weights: the same sums

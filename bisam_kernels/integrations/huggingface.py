@@ -147,6 +147,8 @@ class BiSAMTrainer(transformers.Trainer):
         if fused_head and (task != "causal_lm" or getattr(self.model, "get_output_embeddings", lambda: None)() is None):
             raise ValueError("fused_head=True needs task='causal_lm' and a model with an output projection "
                              "(get_output_embeddings(), its LM head)")
+        if step_options.get("accum_dtype") is not None and not fused_head:
+            raise ValueError("accum_dtype applies to the fused linear losses: it needs fused_head=True")
         self.rho, self.adaptive, self.task, self.fused_head = rho, adaptive, task, fused_head
         self.head_scale = _fused_head_scale(self.model) if fused_head else None
         self.bisam_step_options = {"label_smoothing": settings.label_smoothing_factor, **step_options}
@@ -244,4 +246,4 @@ def _fused_head_scale(model: nn.Module) -> float:
 
 # bisam_step's options that BiSAMTrainer takes as keywords (the rest are the Trainer's or its own).
 _STEP_OPTIONS = ("ascent_loss", "mu", "alpha", "loss_fn", "label_smoothing", "label_smoothing_style",
-                 "ignore_index", "micro_batches", "sync_first_pass", "freeze_bn")
+                 "ignore_index", "micro_batches", "sync_first_pass", "freeze_bn", "accum_dtype")
