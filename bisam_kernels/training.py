@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from bisam_kernels.ops.cross_entropy import SMOOTHING_STYLES, cross_entropy
-from bisam_kernels.ops.fused_linear import fused_linear_bisam_loss, fused_linear_cross_entropy
+from bisam_kernels.ops.fused_linear import _check_accum_dtype, fused_linear_bisam_loss, fused_linear_cross_entropy
 from bisam_kernels.ops.row_loss import bisam_loss
 from bisam_kernels.optim import BiSAM
 
@@ -239,8 +239,7 @@ def bisam_step(
                             f"{type(head).__name__}")
         if label_smoothing_style != "pytorch":
             raise ValueError("the language-model form (head=) supports label_smoothing_style='pytorch' only")
-        if accum_dtype is not None and accum_dtype != torch.float32:
-            raise ValueError(f"accum_dtype must be None or torch.float32, got {accum_dtype!r}")
+        _check_accum_dtype(accum_dtype)  # (before pass 1 touches any gradient)
         if id(head.weight) not in optimized:
             raise ValueError("head.weight is not among the optimizer's parameters: pass the model's own output "
                              "projection (e.g. head=model.lm_head), whose parameters the optimizer updates")
