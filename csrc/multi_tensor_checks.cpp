@@ -93,12 +93,11 @@ TensorLists check_tensor_lists(
     TORCH_CHECK_VALUE(
         ref.is_non_overlapping_and_dense(), names[0], "[", i,
         "] must be dense and non-overlapping (a view with gaps or overlaps cannot be updated as a flat vector)");
-    for (size_t k = 0; k < lists.size(); ++k) {
+    out.lists[0].push_back(ref);
+    for (size_t k = 1; k < lists.size(); ++k) {
       const at::Tensor& t = lists[k][i];
-      const bool layout_matches = k == 0 || same_layout(t, ref);
-      if (k == 0) {
-        out.lists[k].push_back(ref);
-      } else if (writable[k]) {
+      const bool layout_matches = same_layout(t, ref);
+      if (writable[k]) {
         TORCH_CHECK_VALUE(
             layout_matches && t.is_non_overlapping_and_dense(), names[k], "[", i, "] has strides ", t.strides(),
             " but ", names[0], "[", i, "] has strides ", ref.strides(), ": tensors updated in place must share a layout");
